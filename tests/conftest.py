@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny checkpoints built offline, packs that fit them, and vLLM engines.
+
+Engines take seconds to start, so each test module shares one per model (module-scoped).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache):
+    """``tiny_model(family)`` -> path of that family's tiny checkpoint (built once per session)."""
+
+    def get(family: str = "llama"):
+        return cached_tiny_checkpoint(family, cache_root=model_cache)
+
+    return get
+
+
+def make_llm(model_path, packs=None, **overrides):
+    """A vLLM engine on a tiny model; ``packs`` (a list of pack files) turns the plugin on."""
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model_path),
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=16,
+        seed=0,
+        gpu_memory_utilization=0.5,
+    )
+    if packs is not None:
+        kwargs["additional_config"] = {"steering": {"packs": [str(p) for p in packs]}}
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def close_llm(llm) -> None:
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def random_prompts(n: int, vocab_size: int, seed: int, min_len: int = 3, max_len: int = 20) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(3, vocab_size) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)
+    ]
+
+
+def greedy(max_tokens: int = 12, steering=None, **kw):
+    from vllm import SamplingParams
+
+    extra = {"steering": steering} if steering is not None else None
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra, **kw)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]

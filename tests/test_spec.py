@@ -1,0 +1,97 @@
+"""Per-request spec parsing and its check against an engine's packs."""
+
+import pytest
+
+from vllm_steer.errors import SpecError
+from vllm_steer.pack import ModelShape
+from vllm_steer.pack.synthetic import random_pack
+from vllm_steer.pack_registry import PackRegistry
+from vllm_steer.spec import SteeringSpec, parse_spec
+
+SHAPE = ModelShape(
+    architecture="LlamaForCausalLM", num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, hidden_size=128
+)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = PackRegistry(model=SHAPE)
+    reg.add(random_pack(SHAPE, "heads", num_heads_selected=4, seed=1))
+    reg.add(random_pack(SHAPE, "both", num_heads_selected=3, residual_layers=[1, 3], seed=2))
+    return reg
+
+
+def test_absent_spec_is_none():
+    assert parse_spec(None) is None
+    assert parse_spec({}) is None
+    assert parse_spec({"other": 1}) is None
+
+
+def test_nested_and_flat_forms_agree():
+    nested = parse_spec({"steering": {"pack": "p", "method": "iti", "alpha": 2.5, "heads": [[1, 2], [0, 3]]}})
+    flat = parse_spec({"steering_pack": "p", "steering_method": "iti", "steering_alpha": 2.5,
+                       "steering_heads": [1, 2, 0, 3]})
+    assert nested == flat
+    assert nested.heads == ((0, 3), (1, 2))
+
+
+@pytest.mark.parametrize(
+    "extra_args, field",
+    [
+        ({"steering": {"pack": "p", "alpha": "high"}}, "steering.alpha"),
+        ({"steering": {"pack": "p", "alpha": float("nan")}}, "steering.alpha"),
+        ({"steering": {"pack": "p", "alpha": 1e9}}, "steering.alpha"),
+        ({"steering": {"pack": "p", "method": "magic"}}, "steering.method"),
+        ({"steering": {"method": "iti"}}, "steering"),
+        ({"steering": {"pack": "p", "alpah": 1.0}}, "steering.alpah"),
+        ({"steering": {"pack": "p", "layers": [1, 1]}}, "steering.layers"),
+        ({"steering": {"pack": "p", "layers": []}}, "steering.layers"),
+        ({"steering": {"pack": "p", "heads": [[1]]}}, "steering.heads"),
+        ({"steering": {"pack": "p", "method": "residual", "heads": [[1, 1]]}}, "steering"),
+        ({"steering": {"pack": "p", "prompt_positions": "first"}}, "steering.prompt_positions"),
+        ({"steering": "iti"}, "steering"),
+        ({"steering_pack": "p", "steering_heads": [1, 2, 3]}, "steering_heads"),
+        ({"steering_pack": "p", "steering_alpha": "x"}, "steering_alpha"),
+        ({"steering_pack": "p", "steering_bogus": 1}, "steering_bogus"),
+        ({"steering": {"pack": "p"}, "steering_alpha": 1.0}, "steering"),
+    ],
+)
+def test_malformed_specs_name_the_field(extra_args, field):
+    with pytest.raises(SpecError) as e:
+        parse_spec(extra_args)
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        (SteeringSpec(pack="missing"), "steering.pack"),
+        (SteeringSpec(pack="heads", method="residual"), "steering.method"),
+        (SteeringSpec(pack="both", method="residual", layers=(0,)), "steering.layers"),
+        (SteeringSpec(pack="heads", heads=((3, 3), (3, 2), (0, 0), (1, 1), (2, 2))), "steering.heads"),
+    ],
+)
+def test_spec_checked_against_packs(registry, spec, field):
+    with pytest.raises(SpecError) as e:
+        registry.resolve(spec)
+    assert e.value.field == field
+
+
+def test_good_specs_resolve(registry):
+    pack = registry.packs["both"]
+    assert registry.resolve(SteeringSpec(pack="both", method="residual", layers=(3,))) is pack
+    assert registry.resolve(SteeringSpec(pack="both", heads=tuple(pack.selected_heads[:1]))) is pack
+    assert registry.resolve(SteeringSpec(method="off")) is None
+
+
+def test_steer_start_per_prompt_mode():
+    assert SteeringSpec(pack="p").steer_start(10) == 9
+    assert SteeringSpec(pack="p", prompt_positions="all").steer_start(10) == 0
+    assert SteeringSpec(pack="p", prompt_positions="none").steer_start(10) == 10
+
+
+def test_cache_key_separates_configs():
+    a = SteeringSpec(pack="p", alpha=1.0)
+    assert a.cache_key() == SteeringSpec(pack="p", alpha=1.0).cache_key()
+    assert a.cache_key() != SteeringSpec(pack="p", alpha=1.5).cache_key()

@@ -1,0 +1,111 @@
+"""Parity: vllm-steer's greedy tokens equal an independent HF-transformers reference.
+
+The reference (tests/reference/hf_steering.py) is written from the ITI / mean-difference formulas
+with forward hooks on plain transformers models, and reads the pack's tensors straight from the
+safetensors file, so it shares no code with the engine path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAMILIES, close_llm, greedy, make_llm, random_prompts, token_ids
+from reference.hf_steering import greedy_generate
+from vllm_steer.pack import save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.synthetic import random_pack
+
+MAX_NEW = 12
+SPECS = [
+    None,
+    {"pack": "heads", "method": "iti", "alpha": 3.0},
+    {"pack": "heads", "method": "iti", "alpha": -4.0, "prompt_positions": "all"},
+    {"pack": "heads", "method": "iti", "alpha": 5.0, "prompt_positions": "none", "heads": "first3"},
+    {"pack": "heads", "method": "iti", "alpha": 4.0, "layers": "first_layer"},
+    {"pack": "resid", "method": "residual", "alpha": 1.5, "prompt_positions": "all"},
+    {"pack": "resid", "method": "residual", "alpha": -2.0, "layers": "first_layer"},
+]
+
+
+class FamilyCase:
+    def __init__(self, family, path, packs, llm):
+        from transformers import AutoModelForCausalLM
+
+        self.family, self.path, self.packs, self.llm = family, path, packs, llm
+        self.hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.raw = {name: load_file(str(p)) for name, p in packs.items()}
+        self.prompts = random_prompts(6, self.hf.config.vocab_size, seed=7, min_len=3, max_len=24)
+
+    def concrete(self, spec):
+        """Replace the symbolic subsets in SPECS by real indices from the pack."""
+        if spec is None:
+            return None
+        spec = dict(spec)
+        raw = self.raw[spec["pack"]]
+        if spec.get("heads") == "first3":
+            spec["heads"] = [[int(l), int(h)] for l, h in zip(raw["heads.layer"][:3], raw["heads.head"][:3])]
+        if spec.get("layers") == "first_layer":
+            key = "heads.layer" if spec["method"] == "iti" else "residual.layer"
+            spec["layers"] = [int(raw[key].min())]
+        return spec
+
+    def reference_tokens(self, spec, prompt):
+        if spec is None:
+            return greedy_generate(self.hf, prompt, MAX_NEW)
+        raw = self.raw[spec["pack"]]
+        layers = set(spec.get("layers") or range(self.hf.config.num_hidden_layers))
+        positions = spec.get("prompt_positions", "last")
+        if spec["method"] == "iti":
+            wanted = {tuple(h) for h in spec["heads"]} if spec.get("heads") else None
+            heads = [
+                (int(l), int(h), raw["heads.direction"][i], float(raw["heads.sigma"][i]))
+                for i, (l, h) in enumerate(zip(raw["heads.layer"], raw["heads.head"]))
+                if int(l) in layers and (wanted is None or (int(l), int(h)) in wanted)
+            ]
+            return greedy_generate(self.hf, prompt, MAX_NEW, heads=heads, alpha=spec["alpha"],
+                                   prompt_positions=positions)
+        residual = {
+            int(l): raw["residual.vector"][i] for i, l in enumerate(raw["residual.layer"]) if int(l) in layers
+        }
+        return greedy_generate(self.hf, prompt, MAX_NEW, residual=residual, alpha=spec["alpha"],
+                               prompt_positions=positions)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request, tiny_model, tmp_path_factory):
+    family = request.param
+    path = tiny_model(family)
+    shape = shape_of_checkpoint(path)
+    folder = tmp_path_factory.mktemp(f"packs-{family}")
+    packs = {
+        "heads": save_pack(folder / "heads.safetensors", random_pack(shape, "heads", num_heads_selected=6, seed=11)),
+        "resid": save_pack(
+            folder / "resid.safetensors",
+            random_pack(shape, "resid", num_heads_selected=0, residual_layers=[1, shape.num_layers - 1], seed=12),
+        ),
+    }
+    llm = make_llm(path, packs=list(packs.values()))
+    yield FamilyCase(family, path, packs, llm)
+    close_llm(llm)
+
+
+@pytest.mark.parametrize("spec_index", range(len(SPECS)))
+def test_greedy_tokens_match_hf_reference(case, spec_index):
+    spec = case.concrete(SPECS[spec_index])
+    got = token_ids(case.llm.generate(
+        [{"prompt_token_ids": p} for p in case.prompts], greedy(MAX_NEW, spec), use_tqdm=False
+    ))
+    want = [case.reference_tokens(spec, p) for p in case.prompts]
+    assert got == want, f"{case.family} spec={spec}"
+
+
+def test_steering_changes_tokens(case):
+    """Guards the parity test against a no-op: each method changes most prompts' continuations."""
+    plain = [case.reference_tokens(None, p) for p in case.prompts]
+    for spec in SPECS[1:]:
+        spec = case.concrete(spec)
+        steered = [case.reference_tokens(spec, p) for p in case.prompts]
+        changed = sum(a != b for a, b in zip(plain, steered))
+        assert changed >= len(plain) // 2, f"{case.family}: {spec} changed only {changed} of {len(plain)}"

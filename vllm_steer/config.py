@@ -1,0 +1,57 @@
+"""Engine-level steering configuration: ``additional_config={"steering": {...}}``.
+
+This is the one argument that turns the plugin on for vLLM's own ``LLM`` class
+(and what ``vllm serve --steering-plugin --steering-packs DIR`` fills in)::
+
+    LLM(model=..., additional_config={"steering": {"packs": ["truthful.safetensors"]}})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_steer.errors import ConfigError
+
+ADDITIONAL_CONFIG_KEY = "steering"
+
+
+class SteeringConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    packs: tuple[str, ...] = Field(default=(), description="steer pack files to load")
+    packs_dir: str | None = Field(default=None, description="load every *.safetensors in this folder")
+    hooked_layers: dict[str, list[int]] | None = Field(
+        default=None,
+        description="filled in by the plugin at start-up: the layers the steering op is put into. "
+        "It is part of additional_config, which vLLM hashes into its torch.compile cache key, so a "
+        "graph compiled with other hooks (or none) is never reused.",
+    )
+
+    def pack_paths(self) -> list[Path]:
+        paths = [Path(p) for p in self.packs]
+        if self.packs_dir is not None:
+            folder = Path(self.packs_dir)
+            if not folder.is_dir():
+                raise ConfigError(f"steering.packs_dir is not a folder: {folder}", field="steering.packs_dir")
+            paths += sorted(folder.glob("*.safetensors"))
+        return paths
+
+
+def steering_config_from(additional_config: Mapping[str, Any] | None) -> SteeringConfig | None:
+    """The steering config inside vLLM's ``additional_config``; None when the plugin is not enabled."""
+    if not additional_config or ADDITIONAL_CONFIG_KEY not in additional_config:
+        return None
+    raw = additional_config[ADDITIONAL_CONFIG_KEY]
+    if isinstance(raw, SteeringConfig):
+        return raw
+    if raw is True:
+        raw = {}
+    try:
+        return SteeringConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(["steering", *(str(p) for p in err["loc"])])
+        raise ConfigError(f"invalid {field}: {err['msg']}", field=field) from None

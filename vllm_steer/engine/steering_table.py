@@ -1,0 +1,128 @@
+"""Persistent device buffers that hold every running request's steering rows.
+
+Layout (S = max running requests + 1; slot 0 is the no-op row and is never written):
+
+* ``token_slots``   [max_tokens] int32 – the slot of each token of the current step (0 = unsteered,
+  padding included). Rewritten in place every step.
+* ``head_rows``     [L_h, S, H_local * D] float32 – what each slot adds to the o_proj input of each
+  layer in ``head_layers`` (this rank's heads only, under tensor parallelism).
+* ``residual_rows`` [L_r, S, hidden] float32 – what each slot adds to the residual stream after each
+  layer in ``residual_layers``.
+
+A slot is the request's row index in the runner's persistent batch plus one, so the table can never
+run out: it has one slot per batch row, and a row that changes owner is rewritten before use.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from vllm_steer.pack import SteerPack
+from vllm_steer.spec import SteeringSpec
+
+BASE_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Where this rank's attention heads sit in the model (our own type, filled by the integration)."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def local_heads(self) -> int:
+        return self.num_heads // self.tp_size
+
+    @property
+    def local_width(self) -> int:
+        return self.local_heads * self.head_dim
+
+    @property
+    def local_columns(self) -> slice:
+        start = self.tp_rank * self.local_width
+        return slice(start, start + self.local_width)
+
+
+class SteeringTable:
+    def __init__(
+        self,
+        layout: RankLayout,
+        head_layers: list[int],
+        residual_layers: list[int],
+        max_num_tokens: int,
+        max_num_reqs: int,
+        device: torch.device | str,
+    ) -> None:
+        self.layout = layout
+        self.head_layers = list(head_layers)
+        self.residual_layers = list(residual_layers)
+        self.num_slots = max_num_reqs + 1
+        self.device = torch.device(device)
+        self._head_index = {l: j for j, l in enumerate(self.head_layers)}
+        self._residual_index = {l: j for j, l in enumerate(self.residual_layers)}
+        self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int32, device=self.device)
+        self.head_rows = torch.zeros(
+            len(self.head_layers), self.num_slots, layout.local_width, dtype=torch.float32, device=self.device
+        )
+        self.residual_rows = torch.zeros(
+            len(self.residual_layers), self.num_slots, layout.hidden_size, dtype=torch.float32, device=self.device
+        )
+        self._bases: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def head_rows_of(self, layer: int) -> torch.Tensor:
+        return self.head_rows[self._head_index[layer]]
+
+    def residual_rows_of(self, layer: int) -> torch.Tensor:
+        return self.residual_rows[self._residual_index[layer]]
+
+    def write_slot(self, slot: int, spec: SteeringSpec, pack: SteerPack) -> None:
+        """Fill ``slot`` with ``alpha`` times the spec's unit-alpha rows."""
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        head_base, residual_base = self._base_rows(spec, pack)
+        alpha = float(spec.alpha)
+        if self.head_layers:
+            torch.mul(head_base, alpha, out=self.head_rows[:, slot])
+        if self.residual_layers:
+            torch.mul(residual_base, alpha, out=self.residual_rows[:, slot])
+
+    def _base_rows(self, spec: SteeringSpec, pack: SteerPack) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows at alpha = 1 for this (pack, method, subset); cached, since alphas vary far more."""
+        key = (pack.name, spec.method, spec.layers, spec.heads)
+        hit = self._bases.get(key)
+        if hit is not None:
+            self._bases.move_to_end(key)
+            return hit
+        layout = self.layout
+        head = torch.zeros(len(self.head_layers), layout.num_heads * layout.head_dim)
+        residual = torch.zeros(len(self.residual_layers), layout.hidden_size)
+        wanted_layers = set(spec.layers) if spec.layers is not None else None
+        if spec.method == "iti":
+            wanted_heads = set(spec.heads) if spec.heads is not None else None
+            for i, (layer, h) in enumerate(pack.selected_heads):
+                if wanted_layers is not None and layer not in wanted_layers:
+                    continue
+                if wanted_heads is not None and (layer, h) not in wanted_heads:
+                    continue
+                cols = slice(h * layout.head_dim, (h + 1) * layout.head_dim)
+                head[self._head_index[layer], cols] = pack.head_sigmas[i] * pack.head_directions[i]
+        elif spec.method == "residual":
+            for i, layer in enumerate(pack.residual_layers.tolist()):
+                if wanted_layers is None or layer in wanted_layers:
+                    residual[self._residual_index[layer]] = pack.residual_vectors[i]
+        rows = (
+            head[:, layout.local_columns].contiguous().to(self.device),
+            residual.to(self.device),
+        )
+        self._bases[key] = rows
+        if len(self._bases) > BASE_CACHE_SIZE:
+            self._bases.popitem(last=False)
+        return rows

@@ -1,0 +1,16 @@
+"""The one layer that touches vLLM internals. Everything else in vllm_steer speaks our own types.
+
+``install()`` runs in every vLLM process (front-end, engine core, workers) through the
+``vllm.general_plugins`` entry point; each patch is idempotent and inert for engines started
+without ``additional_config["steering"]``.
+"""
+
+from __future__ import annotations
+
+
+def install() -> None:
+    from vllm_steer.integration import frontend, prefix_cache, worker
+
+    frontend.install()
+    prefix_cache.install()
+    worker.install()

@@ -1,0 +1,102 @@
+"""Front-end hooks (the process that owns ``LLM`` or the API server).
+
+* ``EngineArgs.create_engine_config``: when ``additional_config["steering"]`` is present, load and
+  validate every pack against the model once, before any engine process starts; a bad pack stops
+  start-up with an error naming the file.
+* ``SamplingParams._verify_args``: the spec's own form is checked when SamplingParams is built.
+* ``SamplingParams.verify``: vLLM calls it in the input processor with the engine's ModelConfig;
+  there the spec is checked against that engine's packs, before the request enters the engine.
+Errors are raised as vLLM's ``VLLMValidationError`` (HTTP 400 on the server) naming the field.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_steer.config import ADDITIONAL_CONFIG_KEY, steering_config_from
+from vllm_steer.errors import SpecError
+from vllm_steer.integration.model_shape import model_shape_of
+from vllm_steer.pack_registry import PackRegistry
+from vllm_steer.spec import SPEC_KEY, SteeringSpec, parse_spec
+
+# id(ModelConfig) -> (ModelConfig, PackRegistry). The ModelConfig is kept so its id is not reused.
+_REGISTRIES: dict[int, tuple[Any, PackRegistry]] = {}
+
+
+def registry_for(model_config: Any) -> PackRegistry | None:
+    hit = _REGISTRIES.get(id(model_config))
+    return hit[1] if hit is not None and hit[0] is model_config else None
+
+
+def _validation_error(exc: SpecError) -> Exception:
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # older vLLM: a ValueError is already mapped to HTTP 400
+        return exc
+    return VLLMValidationError(str(exc), parameter=exc.field)
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import SamplingParams
+
+    if getattr(EngineArgs.create_engine_config, "_vllm_steer", False):
+        return
+
+    original_create = EngineArgs.create_engine_config
+
+    @functools.wraps(original_create)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original_create(self, *args, **kwargs)
+        config = steering_config_from(vllm_config.additional_config)
+        if config is not None:
+            model_config = vllm_config.model_config
+            registry = PackRegistry.from_config(config, model_shape_of(model_config))
+            _REGISTRIES[id(model_config)] = (model_config, registry)
+            hooked = {"head": registry.head_layers, "residual": registry.residual_layers}
+            vllm_config.additional_config = {
+                **vllm_config.additional_config,
+                ADDITIONAL_CONFIG_KEY: config.model_copy(update={"hooked_layers": hooked}).model_dump(mode="json"),
+            }
+        return vllm_config
+
+    create_engine_config._vllm_steer = True
+    EngineArgs.create_engine_config = create_engine_config
+
+    original_verify_args = SamplingParams._verify_args
+
+    @functools.wraps(original_verify_args)
+    def _verify_args(self) -> None:
+        spec_object = (self.extra_args or {}).get(SPEC_KEY)
+        if isinstance(spec_object, SteeringSpec):  # the engine transport carries plain data only
+            self.extra_args = {**self.extra_args, SPEC_KEY: spec_object.model_dump(mode="json")}
+        original_verify_args(self)
+        try:
+            parse_spec(self.extra_args)
+        except SpecError as exc:
+            raise _validation_error(exc) from None
+
+    SamplingParams._verify_args = _verify_args
+
+    original_verify = SamplingParams.verify
+
+    @functools.wraps(original_verify)
+    def verify(self, model_config, *args, **kwargs) -> None:
+        original_verify(self, model_config, *args, **kwargs)
+        try:
+            spec = parse_spec(self.extra_args)
+            if spec is None:
+                return
+            registry = registry_for(model_config)
+            if registry is None:
+                raise SpecError(
+                    "this request carries a steering spec but the engine was started without "
+                    "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
+                    field="steering",
+                )
+            registry.resolve(spec)
+        except SpecError as exc:
+            raise _validation_error(exc) from None
+
+    SamplingParams.verify = verify

@@ -1,0 +1,68 @@
+"""Put the steering op into a loaded vLLM model: at each steered layer's o_proj input and, for
+residual steering, on each steered decoder layer's output.
+
+The hooks only call ``torch.ops.vllm_steer.steer_probe`` on buffers registered on the module, so
+their addresses are fixed and torch.compile / CUDA graphs see the same graph every step.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.steer_probe)
+from vllm_steer.engine.steering_table import SteeringTable
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder layers by index, for Llama/Qwen-style models (``...layers.N`` with ``self_attn.o_proj``)."""
+    layers = {}
+    for name, module in model.named_modules():
+        m = _LAYER_NAME.search(name)
+        if m and hasattr(module, "self_attn") and hasattr(module.self_attn, "o_proj"):
+            layers[int(m.group(1))] = module
+    return layers
+
+
+def _steer_o_proj_input(module: nn.Module, args: tuple) -> None:
+    torch.ops.vllm_steer.steer_probe(
+        args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, None, None,
+        module.vllm_steer_num_heads, module.vllm_steer_head_dim,
+    )
+
+
+def _steer_layer_output(module: nn.Module, args: tuple, output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    torch.ops.vllm_steer.steer_probe(
+        hidden, module.vllm_steer_token_slots, module.vllm_steer_residual_rows, None, None,
+        1, hidden.shape[-1],
+    )
+    return output
+
+
+def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int) -> list:
+    layers = decoder_layers(model)
+    if sorted(layers) != list(range(num_layers)):
+        raise RuntimeError(
+            f"vllm-steer found decoder layers {sorted(layers)} in {type(model).__name__}, expected "
+            f"0..{num_layers - 1}: this architecture is not supported"
+        )
+    handles = []
+    layout = table.layout
+    for layer in table.head_layers:
+        o_proj = layers[layer].self_attn.o_proj
+        o_proj.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
+        o_proj.register_buffer("vllm_steer_rows", table.head_rows_of(layer), persistent=False)
+        o_proj.vllm_steer_num_heads = layout.local_heads
+        o_proj.vllm_steer_head_dim = layout.head_dim
+        handles.append(o_proj.register_forward_pre_hook(_steer_o_proj_input))
+    for layer in table.residual_layers:
+        block = layers[layer]
+        block.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
+        block.register_buffer("vllm_steer_residual_rows", table.residual_rows_of(layer), persistent=False)
+        handles.append(block.register_forward_hook(_steer_layer_output))
+    return handles

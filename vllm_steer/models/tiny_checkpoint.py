@@ -1,0 +1,178 @@
+"""Small Llama / Qwen2 / Qwen3 checkpoints built offline: random weights and a byte-level BPE
+tokenizer trained on a generated corpus. Both HF transformers and vLLM load them.
+
+No weights can be downloaded on our machines, so tests, demos and benchmarks build their models
+here. Weights are deterministic from the seed. The output head is initialised larger than usual so
+greedy decoding has clear margins between the top two logits, which keeps token-level parity tests
+between two float32 implementations from hinging on last-bit rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+_SUBJECTS = ["the river", "a small bird", "the old market", "my neighbour", "the train", "a quiet cat",
+             "the teacher", "our garden", "the north wind", "a tall ship", "the baker", "the city"]
+_VERBS = ["watches", "finds", "carries", "remembers", "follows", "paints", "answers", "opens", "keeps"]
+_OBJECTS = ["the light", "a red door", "the morning bread", "an old map", "the last letter", "the stars",
+            "a heavy box", "the evening news", "a green field", "the silver key"]
+_ENDINGS = ["every day.", "before noon.", "with great care.", "in the rain.", "again and again.",
+            "without a word.", "at the station.", "near the sea."]
+
+
+def training_corpus(num_sentences: int = 600, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_sentences):
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}"
+        lines.append(s[0].upper() + s[1:])
+        lines.append(f"Q: Who {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}? A: {rng.choice(_SUBJECTS)}.")
+    return lines
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer (transformers' PreTrainedTokenizerFast) trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus or training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _config(family: str, *, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+            intermediate_size, max_position_embeddings, init_std, tie_word_embeddings, bos_id, eos_id, pad_id):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, initializer_range=init_std,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=pad_id, rms_norm_eps=1e-6, torch_dtype="float32",
+    )
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**common, head_dim=head_dim or hidden_size // num_heads)
+        cfg.architectures = ["LlamaForCausalLM"]
+    elif family == "qwen2":
+        from transformers import Qwen2Config
+
+        if head_dim not in (None, hidden_size // num_heads):
+            raise ValueError("qwen2 derives head_dim from hidden_size / num_heads")
+        cfg = Qwen2Config(**common, use_sliding_window=False)
+        cfg.architectures = ["Qwen2ForCausalLM"]
+    elif family == "qwen3":
+        from transformers import Qwen3Config
+
+        cfg = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, use_sliding_window=False)
+        cfg.architectures = ["Qwen3ForCausalLM"]
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return cfg
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 512,
+    init_std: float = 0.1,
+    head_std: float = 0.5,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Write a random-weight checkpoint + tokenizer to ``out_dir``; returns the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg = _config(
+        family, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, init_std=init_std,
+        tie_word_embeddings=tie_word_embeddings, bos_id=ids["<s>"], eos_id=ids["</s>"], pad_id=ids["<pad>"],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() == 1:  # norms stay at one, biases small
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+            else:
+                std = head_std if name.startswith("lm_head") else init_std
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def write_config_only(out_dir: str | Path, family: str = "llama", **shape) -> Path:
+    """Only config.json: for vLLM's ``load_format="dummy"`` on larger shapes (benchmarks)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    defaults = dict(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=None,
+                    intermediate_size=1408, max_position_embeddings=4096, init_std=0.02,
+                    tie_word_embeddings=False, bos_id=1, eos_id=2, pad_id=0)
+    defaults.update(shape)
+    _config(family, **defaults).save_pretrained(str(out))
+    return out
+
+
+def cached_tiny_checkpoint(family: str = "llama", cache_root: str | Path | None = None, **kwargs) -> Path:
+    """``build_tiny_checkpoint`` into ``cache_root/<family>-<hash of args>``, only when missing."""
+    root = Path(cache_root or os.environ.get("VLLM_STEER_CACHE") or Path.home() / ".cache" / "vllm-steer" / "models")
+    key = hashlib.sha256(json.dumps({"family": family, **kwargs}, sort_keys=True).encode()).hexdigest()[:12]
+    target = root / f"{family}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+    try:
+        build_tiny_checkpoint(tmp, family, **kwargs)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,48 @@
+"""The torch custom op the model graph calls: ``torch.ops.vllm_steer.steer_probe``.
+
+Registered with a fake (meta) implementation so torch.compile traces it as one opaque node that
+mutates its inputs in place, and CUDA graphs capture its kernel like any other. Every argument is
+a persistent buffer whose address never changes; per-step data (which slot each token uses) is
+written into those buffers in place, so the graph stays the same every step.
+
+Dispatch: CUDA tensors go to the fused Triton kernel, everything else to the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_steer_kernels import steer_probe_reference
+
+_triton_impl = None
+
+
+def _steer_probe_cuda(*args) -> None:
+    global _triton_impl
+    if _triton_impl is None:
+        from vllm_steer_kernels import steer_probe_triton
+
+        _triton_impl = steer_probe_triton
+    _triton_impl(*args)
+
+
+@torch.library.custom_op("vllm_steer::steer_probe", mutates_args=("attn_out", "probe_out"))
+def steer_probe(
+    attn_out: torch.Tensor,
+    token_slots: torch.Tensor,
+    steer_rows: torch.Tensor,
+    probe_rows: torch.Tensor | None,
+    probe_out: torch.Tensor | None,
+    num_heads: int,
+    head_dim: int,
+) -> None:
+    """In place: ``attn_out[t] += steer_rows[token_slots[t]]``; probe dots into ``probe_out``."""
+    if attn_out.is_cuda:
+        _steer_probe_cuda(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim)
+    else:
+        steer_probe_reference(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim)
+
+
+@steer_probe.register_fake
+def _steer_probe_fake(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim) -> None:
+    return None

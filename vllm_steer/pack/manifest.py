@@ -1,0 +1,68 @@
+"""The steer-pack manifest: a pydantic description of what a pack holds and which model it fits.
+
+The manifest travels inside the pack's safetensors header (metadata key ``vllm_steer.manifest``),
+so one file carries both the tensors and their description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PACK_FORMAT_VERSION = 1
+MANIFEST_METADATA_KEY = "vllm_steer.manifest"
+
+Method = Literal["iti", "residual"]
+
+
+class ModelShape(BaseModel):
+    """The shape of the model a pack was fitted on; a pack loads only into a model of this shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str = Field(min_length=1, description="HF architecture name, e.g. LlamaForCausalLM")
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+
+    def mismatches(self, other: ModelShape) -> list[str]:
+        """Names and values of every field that differs from ``other`` (the loaded model)."""
+        return [
+            f"{name}: pack has {getattr(self, name)!r}, model has {getattr(other, name)!r}"
+            for name in type(self).model_fields
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
+class PackManifest(BaseModel):
+    """Everything about a pack that is not a tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = PACK_FORMAT_VERSION
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: ModelShape
+    methods: list[Method] = Field(min_length=1)
+    num_heads_selected: int = Field(ge=0, description="K, the number of (layer, head) pairs steered")
+    residual_layers: list[int] = Field(default_factory=list)
+    has_probes: bool = False
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="free-form record: dataset, split, seed, accuracies..."
+    )
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != PACK_FORMAT_VERSION:
+            raise ValueError(f"unsupported pack format_version {v} (this build reads {PACK_FORMAT_VERSION})")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: list[Method]) -> list[Method]:
+        if len(set(v)) != len(v):
+            raise ValueError("methods must not repeat")
+        return v

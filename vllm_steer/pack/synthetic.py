@@ -1,0 +1,55 @@
+"""Random (but valid) steer packs for a model shape: for demos, tests and benchmarks.
+
+Real packs come from the fit pipeline; these only need the right shapes and finite values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vllm_steer.pack.manifest import ModelShape, PackManifest
+from vllm_steer.pack.steer_pack import SteerPack, build_pack
+
+
+def random_pack(
+    shape: ModelShape,
+    name: str,
+    *,
+    num_heads_selected: int = 4,
+    residual_layers: Sequence[int] = (),
+    with_probes: bool = False,
+    sigma_scale: float = 1.0,
+    residual_scale: float = 1.0,
+    seed: int = 0,
+) -> SteerPack:
+    gen = torch.Generator().manual_seed(seed)
+    total = shape.num_layers * shape.num_heads
+    if not 0 <= num_heads_selected <= total:
+        raise ValueError(f"num_heads_selected must be in [0, {total}]")
+    flat = torch.randperm(total, generator=gen)[:num_heads_selected].sort().values
+    directions = torch.randn(num_heads_selected, shape.head_dim, generator=gen)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    tensors = {
+        "heads.layer": flat // shape.num_heads,
+        "heads.head": flat % shape.num_heads,
+        "heads.direction": directions,
+        "heads.sigma": sigma_scale * (0.5 + torch.rand(num_heads_selected, generator=gen)),
+        "residual.layer": torch.tensor(list(residual_layers), dtype=torch.int64),
+        "residual.vector": residual_scale * torch.randn(len(residual_layers), shape.hidden_size, generator=gen),
+    }
+    if with_probes:
+        tensors["probes.weight"] = torch.randn(num_heads_selected, shape.head_dim, generator=gen)
+        tensors["probes.bias"] = torch.randn(num_heads_selected, generator=gen)
+    methods = (["iti"] if num_heads_selected else []) + (["residual"] if residual_layers else [])
+    manifest = PackManifest(
+        name=name,
+        model=shape,
+        methods=methods,
+        num_heads_selected=num_heads_selected,
+        residual_layers=list(residual_layers),
+        has_probes=with_probes,
+        metadata={"source": "random", "seed": seed},
+    )
+    return build_pack(manifest, tensors)

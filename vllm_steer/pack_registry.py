@@ -1,0 +1,85 @@
+"""The packs one engine has loaded, and the check of a request's spec against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm_steer.config import SteeringConfig
+from vllm_steer.errors import ConfigError, SpecError
+from vllm_steer.pack import ModelShape, SteerPack, load_pack
+from vllm_steer.spec import SteeringSpec
+
+
+@dataclass
+class PackRegistry:
+    model: ModelShape
+    packs: dict[str, SteerPack] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: SteeringConfig, model: ModelShape) -> PackRegistry:
+        registry = cls(model=model)
+        for path in config.pack_paths():
+            registry.add(load_pack(path, model=model))
+        return registry
+
+    def add(self, pack: SteerPack) -> None:
+        pack.check_fits(self.model)
+        if pack.name in self.packs:
+            raise ConfigError(
+                f"two steer packs are named {pack.name!r}: {self.packs[pack.name].source} and {pack.source}",
+                field="steering.packs",
+            )
+        self.packs[pack.name] = pack
+
+    @property
+    def head_layers(self) -> list[int]:
+        """Layers where some pack steers a head: only these get the head-steering op."""
+        return sorted({l for p in self.packs.values() for l in p.head_layers.tolist()})
+
+    @property
+    def residual_layers(self) -> list[int]:
+        return sorted({l for p in self.packs.values() for l in p.residual_layers.tolist()})
+
+    def resolve(self, spec: SteeringSpec) -> SteerPack | None:
+        """Check ``spec`` against the loaded packs; returns its pack (None for method 'off')."""
+        if spec.method == "off":
+            if spec.pack is not None and spec.pack not in self.packs:
+                raise self._unknown_pack(spec.pack)
+            return None
+        pack = self.packs.get(spec.pack)
+        if pack is None:
+            raise self._unknown_pack(spec.pack)
+        if spec.method not in pack.manifest.methods:
+            raise SpecError(
+                f"steering.method {spec.method!r} is not in pack {pack.name!r} "
+                f"(it offers {pack.manifest.methods})",
+                field="steering.method",
+            )
+        method_layers = set(
+            pack.head_layers.tolist() if spec.method == "iti" else pack.residual_layers.tolist()
+        )
+        if spec.layers is not None:
+            missing = sorted(set(spec.layers) - method_layers)
+            if missing:
+                raise SpecError(
+                    f"steering.layers {missing} are not steered by pack {pack.name!r} for method "
+                    f"{spec.method!r} (it has layers {sorted(method_layers)})",
+                    field="steering.layers",
+                )
+        if spec.heads is not None:
+            missing = sorted(set(spec.heads) - set(pack.selected_heads))
+            if missing:
+                raise SpecError(
+                    f"steering.heads {[list(h) for h in missing]} are not selected heads of pack "
+                    f"{pack.name!r}",
+                    field="steering.heads",
+                )
+            if spec.layers is not None and not any(l in spec.layers for l, _ in spec.heads):
+                raise SpecError(
+                    "steering.heads and steering.layers select no head in common", field="steering.heads"
+                )
+        return pack
+
+    def _unknown_pack(self, name: str | None) -> SpecError:
+        known = sorted(self.packs) or "none"
+        return SpecError(f"steering.pack {name!r} is not loaded (loaded: {known})", field="steering.pack")

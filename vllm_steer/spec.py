@@ -1,0 +1,159 @@
+"""The per-request steering spec, carried in ``SamplingParams.extra_args``.
+
+Two spellings are accepted:
+
+* nested (offline ``LLM``, the server's ``steering`` body field)::
+
+      extra_args={"steering": {"pack": "truthful", "method": "iti", "alpha": 8.0}}
+
+* flat (OpenAI ``vllm_xargs``, which only carries flat values)::
+
+      extra_args={"steering_pack": "truthful", "steering_method": "iti", "steering_alpha": 8.0}
+
+Both parse into one frozen ``SteeringSpec``. ``resolve_spec`` then checks it against the packs an
+engine has loaded, so an unknown pack or a head the pack does not steer is refused before the
+request enters the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_steer.errors import SpecError
+
+SPEC_KEY = "steering"
+FLAT_PREFIX = "steering_"
+MAX_ABS_ALPHA = 1e4
+
+SteerMethod = Literal["iti", "residual", "off"]
+PromptPositions = Literal["last", "all", "none"]
+
+
+class SteeringSpec(BaseModel):
+    """What one request asks for.
+
+    ``prompt_positions`` picks which prompt tokens are steered (generated tokens always are):
+    ``last`` = the last prompt token only (ITI's reference code), ``all`` = every prompt token,
+    ``none`` = generated tokens only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pack: str | None = Field(default=None, min_length=1, max_length=128)
+    method: SteerMethod = "iti"
+    alpha: float = Field(default=1.0, allow_inf_nan=False, ge=-MAX_ABS_ALPHA, le=MAX_ABS_ALPHA)
+    layers: tuple[int, ...] | None = Field(default=None, min_length=1)
+    heads: tuple[tuple[int, int], ...] | None = Field(default=None, min_length=1)
+    prompt_positions: PromptPositions = "last"
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None:
+            if len(set(v)) != len(v):
+                raise ValueError("layers must not repeat")
+            if min(v) < 0:
+                raise ValueError("layers must be >= 0")
+            v = tuple(sorted(v))
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _unique_heads(cls, v: tuple[tuple[int, int], ...] | None) -> tuple[tuple[int, int], ...] | None:
+        if v is not None:
+            if len(set(v)) != len(v):
+                raise ValueError("heads must not repeat")
+            if any(l < 0 or h < 0 for l, h in v):
+                raise ValueError("heads entries are [layer, head] pairs of indices >= 0")
+            v = tuple(sorted(v))
+        return v
+
+    @model_validator(mode="after")
+    def _pack_needed(self) -> SteeringSpec:
+        if self.method != "off" and self.pack is None:
+            raise ValueError(f"method {self.method!r} needs a pack")
+        if self.heads is not None and self.method != "iti":
+            raise ValueError("heads selects ITI heads; it needs method 'iti'")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.method != "off" and self.alpha != 0.0
+
+    def cache_key(self) -> str:
+        """A canonical string: two specs with the same key steer identically."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def steer_start(self, num_prompt_tokens: int) -> int:
+        """The first position this spec steers, for a prompt of ``num_prompt_tokens`` tokens."""
+        if self.prompt_positions == "all":
+            return 0
+        if self.prompt_positions == "last":
+            return max(num_prompt_tokens - 1, 0)
+        return num_prompt_tokens
+
+
+def _field_name(loc: tuple[Any, ...], flat: bool) -> str:
+    """The field as the client spelled it: ``steering.alpha`` (nested) or ``steering_alpha`` (flat)."""
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    if not names:
+        return SPEC_KEY
+    return FLAT_PREFIX + ".".join(names) if flat else ".".join([SPEC_KEY, *names])
+
+
+def _raise_from_validation(exc: ValidationError, flat: bool) -> None:
+    err = exc.errors()[0]
+    field = _field_name(tuple(err["loc"]), flat)
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    raise SpecError(f"invalid steering spec: {field}: {err['msg']}{shown}", field=field) from None
+
+
+def _unflatten(extra_args: Mapping[str, Any]) -> dict[str, Any]:
+    flat = {k[len(FLAT_PREFIX):]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX)}
+    heads = flat.get("heads")
+    # vllm_xargs carries only flat lists: heads come as [l0, h0, l1, h1, ...].
+    if isinstance(heads, list) and heads and not isinstance(heads[0], (list, tuple)):
+        if len(heads) % 2:
+            raise SpecError(
+                "invalid steering spec: steering_heads is a flat list of layer, head pairs "
+                "and needs an even length",
+                field="steering_heads",
+            )
+        flat["heads"] = [heads[i : i + 2] for i in range(0, len(heads), 2)]
+    return flat
+
+
+def parse_spec(extra_args: Mapping[str, Any] | None) -> SteeringSpec | None:
+    """Parse the spec from ``SamplingParams.extra_args``; None when the request asks for none."""
+    if not extra_args:
+        return None
+    nested = extra_args.get(SPEC_KEY)
+    has_flat = any(k.startswith(FLAT_PREFIX) for k in extra_args)
+    if nested is None and not has_flat:
+        return None
+    if nested is not None and has_flat:
+        raise SpecError(
+            "give the steering spec either as 'steering' or as flat 'steering_*' keys, not both",
+            field=SPEC_KEY,
+        )
+    if nested is not None:
+        if isinstance(nested, SteeringSpec):
+            return nested
+        if not isinstance(nested, Mapping):
+            raise SpecError(
+                f"invalid steering spec: steering must be an object, got {type(nested).__name__}",
+                field=SPEC_KEY,
+            )
+        raw = dict(nested)
+    else:
+        raw = _unflatten(extra_args)
+    try:
+        return SteeringSpec.model_validate(raw)
+    except ValidationError as exc:
+        _raise_from_validation(exc, flat=nested is None)
+    raise AssertionError("unreachable")
+
