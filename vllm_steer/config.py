@@ -23,6 +23,10 @@ class SteeringConfig(BaseModel):
 
     packs: tuple[str, ...] = Field(default=(), description="steer pack files to load")
     packs_dir: str | None = Field(default=None, description="load every *.safetensors in this folder")
+    capture: bool = Field(
+        default=False,
+        description="capture activations for the fit pipeline (needs enforce_eager=True and prefix caching off)",
+    )
     hooked_layers: dict[str, list[int]] | None = Field(
         default=None,
         description="filled in by the plugin at start-up: the layers the steering op is put into. "

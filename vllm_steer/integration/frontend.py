@@ -14,19 +14,21 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from vllm_steer.config import ADDITIONAL_CONFIG_KEY, steering_config_from
-from vllm_steer.errors import SpecError
+from vllm_steer.config import ADDITIONAL_CONFIG_KEY, SteeringConfig, steering_config_from
+from vllm_steer.engine.activation_capture import CAPTURE_KEY, parse_capture
+from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, SteeringSpec, parse_spec
 
-# id(ModelConfig) -> (ModelConfig, PackRegistry). The ModelConfig is kept so its id is not reused.
-_REGISTRIES: dict[int, tuple[Any, PackRegistry]] = {}
+# id(ModelConfig) -> (ModelConfig, PackRegistry, SteeringConfig). The ModelConfig is kept so its id
+# is not reused.
+_REGISTRIES: dict[int, tuple[Any, PackRegistry, SteeringConfig]] = {}
 
 
-def registry_for(model_config: Any) -> PackRegistry | None:
+def _engine_steering(model_config: Any) -> tuple[PackRegistry, SteeringConfig] | None:
     hit = _REGISTRIES.get(id(model_config))
-    return hit[1] if hit is not None and hit[0] is model_config else None
+    return (hit[1], hit[2]) if hit is not None and hit[0] is model_config else None
 
 
 def _validation_error(exc: SpecError) -> Exception:
@@ -52,8 +54,15 @@ def install() -> None:
         config = steering_config_from(vllm_config.additional_config)
         if config is not None:
             model_config = vllm_config.model_config
+            if config.capture and not model_config.enforce_eager:
+                raise ConfigError("steering.capture needs enforce_eager=True", field="steering.capture")
+            if config.capture and vllm_config.cache_config.enable_prefix_caching:
+                raise ConfigError(
+                    "steering.capture needs enable_prefix_caching=False (cached blocks are not recomputed)",
+                    field="steering.capture",
+                )
             registry = PackRegistry.from_config(config, model_shape_of(model_config))
-            _REGISTRIES[id(model_config)] = (model_config, registry)
+            _REGISTRIES[id(model_config)] = (model_config, registry, config)
             hooked = {"head": registry.head_layers, "residual": registry.residual_layers}
             vllm_config.additional_config = {
                 **vllm_config.additional_config,
@@ -74,6 +83,7 @@ def install() -> None:
         original_verify_args(self)
         try:
             parse_spec(self.extra_args)
+            parse_capture(self.extra_args)
         except SpecError as exc:
             raise _validation_error(exc) from None
 
@@ -86,16 +96,21 @@ def install() -> None:
         original_verify(self, model_config, *args, **kwargs)
         try:
             spec = parse_spec(self.extra_args)
-            if spec is None:
+            capture = parse_capture(self.extra_args)
+            if spec is None and capture is None:
                 return
-            registry = registry_for(model_config)
-            if registry is None:
+            engine = _engine_steering(model_config)
+            if engine is None:
                 raise SpecError(
                     "this request carries a steering spec but the engine was started without "
                     "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
-                    field="steering",
+                    field="steering" if spec is not None else CAPTURE_KEY,
                 )
-            registry.resolve(spec)
+            registry, config = engine
+            if spec is not None:
+                registry.resolve(spec)
+            if capture is not None and not config.capture:
+                raise SpecError("this engine was not started with steering.capture", field=CAPTURE_KEY)
         except SpecError as exc:
             raise _validation_error(exc) from None
 

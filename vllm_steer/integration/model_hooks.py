@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.steer_probe)
+from vllm_steer.engine.activation_capture import ActivationCapturer
 from vllm_steer.engine.steering_table import SteeringTable
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -44,13 +45,38 @@ def _steer_layer_output(module: nn.Module, args: tuple, output):
     return output
 
 
-def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int) -> list:
+def checked_decoder_layers(model: nn.Module, num_layers: int) -> dict[int, nn.Module]:
     layers = decoder_layers(model)
     if sorted(layers) != list(range(num_layers)):
         raise RuntimeError(
             f"vllm-steer found decoder layers {sorted(layers)} in {type(model).__name__}, expected "
             f"0..{num_layers - 1}: this architecture is not supported"
         )
+    return layers
+
+
+def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, num_layers: int) -> list:
+    """Eager-only hooks (they call Python every step): per-head o_proj input and residual stream."""
+    handles = []
+    for index, block in checked_decoder_layers(model, num_layers).items():
+
+        def read_heads(module, args, layer=index):
+            capturer.record("heads", layer, args[0])
+
+        def read_stream(module, args, output, layer=index):
+            # vLLM decoder layers return (hidden_states, residual); the stream is their sum.
+            if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
+                capturer.record("residual", layer, output[0] + output[1])
+            else:
+                capturer.record("residual", layer, output[0] if isinstance(output, tuple) else output)
+
+        handles.append(block.self_attn.o_proj.register_forward_pre_hook(read_heads))
+        handles.append(block.register_forward_hook(read_stream))
+    return handles
+
+
+def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int) -> list:
+    layers = checked_decoder_layers(model, num_layers)
     handles = []
     layout = table.layout
     for layer in table.head_layers:

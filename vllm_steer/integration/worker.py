@@ -11,17 +11,21 @@ Nothing is installed in a runner whose engine was started without ``additional_c
 from __future__ import annotations
 
 import functools
+
+import numpy as np
 from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
+from vllm_steer.engine.activation_capture import ActivationCapturer, parse_capture
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
-from vllm_steer.integration.model_hooks import install_hooks
+from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
 from vllm_steer.pack_registry import PackRegistry
 
 logger = init_logger("vllm_steer")
 PLANNER_ATTR = "_vllm_steer_planner"
+CAPTURER_ATTR = "_vllm_steer_capturer"
 
 
 def _attach(runner) -> None:
@@ -47,6 +51,10 @@ def _attach(runner) -> None:
     )
     install_hooks(runner.get_model(), table, shape.num_layers)
     setattr(runner, PLANNER_ATTR, StepPlanner(table, registry))
+    if config.capture:
+        capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
+        install_capture_hooks(runner.get_model(), capturer, shape.num_layers)
+        setattr(runner, CAPTURER_ATTR, capturer)
     logger.info(
         "vllm-steer: %d pack(s) %s; head steering at layers %s, residual at layers %s; %d slots",
         len(registry.packs), sorted(registry.packs), table.head_layers, table.residual_layers, table.num_slots,
@@ -68,6 +76,11 @@ def _wrap_load_model(cls) -> None:
     cls.load_model = load_model
 
 
+def _extra_args(runner, req_id: str):
+    params = runner.requests[req_id].sampling_params
+    return params.extra_args if params is not None else None
+
+
 def _plan_step(runner, scheduler_output) -> None:
     planner: StepPlanner | None = getattr(runner, PLANNER_ATTR, None)
     if planner is None:
@@ -76,22 +89,43 @@ def _plan_step(runner, scheduler_output) -> None:
     num_reqs = batch.num_reqs
     req_ids = batch.req_ids[:num_reqs]
     scheduled = scheduler_output.num_scheduled_tokens
-    requests = runner.requests
-    import numpy as np
+    num_scheduled = np.fromiter((scheduled[r] for r in req_ids), dtype=np.int64, count=num_reqs)
+    num_computed = batch.num_computed_tokens_cpu[:num_reqs]
+    num_prompt = batch.num_prompt_tokens[:num_reqs]
+    planner.plan_step(req_ids, num_scheduled, num_computed, num_prompt, lambda r: _extra_args(runner, r))
 
-    planner.plan_step(
-        req_ids,
-        np.fromiter((scheduled[r] for r in req_ids), dtype=np.int64, count=num_reqs),
-        batch.num_computed_tokens_cpu[:num_reqs],
-        batch.num_prompt_tokens[:num_reqs],
-        lambda req_id: requests[req_id].sampling_params.extra_args
-        if requests[req_id].sampling_params is not None
-        else None,
-    )
+    capturer: ActivationCapturer | None = getattr(runner, CAPTURER_ATTR, None)
+    if capturer is not None:
+        first_rows = np.cumsum(num_scheduled) - num_scheduled
+        wanted = []
+        for i, req_id in enumerate(req_ids):
+            spec = parse_capture(_extra_args(runner, req_id))
+            if spec is not None:
+                wanted.append((req_id, spec, int(num_prompt[i]), int(first_rows[i]), int(num_computed[i]),
+                               int(num_scheduled[i])))
+        capturer.plan_step(wanted, runner.device)
+
+
+COLLECT_CAPTURES_RPC = "vllm_steer_collect_captures"
+
+
+def collect_captures(worker, keys: list[str]) -> dict:
+    """A worker method (``LLM.collective_rpc(COLLECT_CAPTURES_RPC)``): pop the captures for ``keys``."""
+    capturer = getattr(worker.model_runner, CAPTURER_ATTR, None)
+    if capturer is None:
+        raise RuntimeError("this engine was not started with steering.capture")
+    # RPC results travel as msgpack: send float32 tensors as (shape, raw bytes).
+    return {
+        key: {name: (list(t.shape), t.contiguous().numpy().tobytes()) for name, t in tensors.items()}
+        for key, tensors in capturer.collect(keys).items()
+    }
 
 
 def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    setattr(WorkerBase, COLLECT_CAPTURES_RPC, collect_captures)
 
     _wrap_load_model(GPUModelRunner)
     try:
@@ -121,6 +155,9 @@ def install() -> None:
         planner = getattr(self, PLANNER_ATTR, None)
         if planner is not None and scheduler_output.finished_req_ids:
             planner.forget(scheduler_output.finished_req_ids)
+            capturer = getattr(self, CAPTURER_ATTR, None)
+            if capturer is not None:
+                capturer.finish(scheduler_output.finished_req_ids)
         return original_update(self, scheduler_output, *args, **kwargs)
 
     GPUModelRunner._update_states = _update_states
