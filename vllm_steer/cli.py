@@ -15,13 +15,63 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", default="runs/demo", help="where the model and pack are written")
     demo.add_argument("--max-tokens", type=int, default=24)
 
+    fit = sub.add_parser("fit", help="fit a steer pack (probes, top-K heads, directions, sigma) through vLLM")
+    fit.add_argument("--model", required=True, help="HF checkpoint folder")
+    fit.add_argument("--data", required=True,
+                     help="TruthfulQA (mc_task.json, TruthfulQA.csv or their folder) or a JSONL of pairs")
+    fit.add_argument("--out", required=True, help="output pack, e.g. packs/truthful.safetensors")
+    fit.add_argument("--name", help="pack name (default: the output file's stem)")
+    fit.add_argument("-k", "--num-heads", type=int, default=48, help="K, heads to steer (default 48)")
+    fit.add_argument("--seed", type=int, default=42)
+    fit.add_argument("--val-fraction", type=float, default=0.2)
+    fit.add_argument("--position", choices=["last", "mean"], default="last",
+                     help="activations at the last token of prompt+completion, or the completion's mean")
+    fit.add_argument("--direction", choices=["mass_mean", "probe"], default="mass_mean")
+    fit.add_argument("--residual-layers", default="all", help="'all', 'none' or a comma list of layers")
+    fit.add_argument("--max-model-len", type=int, default=1024)
+    fit.add_argument("--batch-size", type=int, default=128)
+    fit.add_argument("--dtype", default="float32")
+    fit.add_argument("--tensor-parallel-size", type=int, default=1)
+
     args = parser.parse_args(argv)
+    if args.command == "fit":
+        return _run_fit(args)
     if args.command == "demo":
         from vllm_steer.demo import run_demo
 
         return run_demo(family=args.family, workdir=args.workdir, max_tokens=args.max_tokens)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _run_fit(args) -> int:
+    from pathlib import Path
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
+
+    if args.residual_layers in ("all", "none"):
+        residual_layers = args.residual_layers
+    else:
+        try:
+            residual_layers = [int(x) for x in args.residual_layers.split(",") if x.strip()]
+        except ValueError:
+            print(f"error: --residual-layers must be 'all', 'none' or a comma list, got {args.residual_layers!r}",
+                  file=sys.stderr)
+            return 2
+    options = FitOptions(
+        name=args.name or Path(args.out).stem, num_heads=args.num_heads, seed=args.seed,
+        val_fraction=args.val_fraction, position=args.position, direction=args.direction,
+        residual_layers=residual_layers, max_model_len=args.max_model_len, batch_size=args.batch_size,
+        llm_kwargs={"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size},
+    )
+    try:
+        report = fit_steer_pack(args.model, args.data, args.out, options)
+    except SteeringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.to_json())
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""Tensor parallelism: with TP=2 each rank steers only its own heads; tokens equal the HF reference."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
+from reference.hf_steering import greedy_generate
+from vllm_steer.pack import save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.synthetic import random_pack
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model, tmp_path_factory):
+    path = tiny_model("llama")
+    shape = shape_of_checkpoint(path)
+    pack = save_pack(tmp_path_factory.mktemp("tp") / "p.safetensors",
+                     random_pack(shape, "p", num_heads_selected=6, residual_layers=[1], seed=21))
+    # vLLM's CPU workers pin their threads; on a one-NUMA-node machine two ranks need explicit cores.
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if (os.cpu_count() or 1) >= 2 else "0|0"
+    try:
+        llm = make_llm(path, packs=[pack], tensor_parallel_size=2, enforce_eager=True)
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    yield llm, path, pack
+    close_llm(llm)
+
+
+def test_tp2_steering_matches_hf_reference(tp2):
+    from transformers import AutoModelForCausalLM
+
+    llm, path, pack = tp2
+    raw = load_file(str(pack))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompts = random_prompts(4, 512, seed=9)
+    heads = [(int(l), int(h), raw["heads.direction"][i], float(raw["heads.sigma"][i]))
+             for i, (l, h) in enumerate(zip(raw["heads.layer"], raw["heads.head"]))]
+    # The pack's heads fall on both ranks (4 heads: 0-1 on rank 0, 2-3 on rank 1).
+    assert {h // 2 for _, h, _, _ in heads} == {0, 1}
+    got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 greedy(10, {"pack": "p", "alpha": 4.0}), use_tqdm=False))
+    assert got == [greedy_generate(hf, p, 10, heads=heads, alpha=4.0) for p in prompts]
+    got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 greedy(10, {"pack": "p", "method": "residual", "alpha": 2.0}), use_tqdm=False))
+    assert got == [greedy_generate(hf, p, 10, residual={1: raw["residual.vector"][0]}, alpha=2.0) for p in prompts]
