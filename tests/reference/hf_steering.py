@@ -19,7 +19,10 @@ import torch
 
 
 def _first_steered_position(mode: str, prompt_len: int) -> int:
-    return {"last": prompt_len - 1, "all": 0, "none": prompt_len}[mode]
+    starts = {"last": prompt_len - 1, "all": 0, "none": prompt_len}
+    if mode not in starts:
+        raise ValueError(f"prompt_positions must be one of {sorted(starts)}, got {mode!r}")
+    return starts[mode]
 
 
 @contextmanager
@@ -33,7 +36,7 @@ def steering_hooks(model, *, heads=None, residual=None, alpha=0.0, prompt_len=0,
     handles = []
 
     def steered_mask(num_tokens: int) -> torch.Tensor:
-        positions = torch.arange(state["offset"], state["offset"] + num_tokens)
+        positions = torch.arange(state["offset"], state["offset"] + num_tokens, device=model.device)
         return positions >= start
 
     by_layer: dict[int, list] = {}
@@ -46,7 +49,7 @@ def steering_hooks(model, *, heads=None, residual=None, alpha=0.0, prompt_len=0,
             mask = steered_mask(x.shape[1])
             for head, direction, sigma in entries:
                 cols = slice(head * head_dim, (head + 1) * head_dim)
-                x[:, mask, cols] = x[:, mask, cols] + alpha * sigma * direction.to(x.dtype)
+                x[:, mask, cols] = x[:, mask, cols] + alpha * sigma * direction.to(x.device, x.dtype)
             return (x,) + tuple(args[1:])
 
         return hook
@@ -56,7 +59,7 @@ def steering_hooks(model, *, heads=None, residual=None, alpha=0.0, prompt_len=0,
             hidden = output[0] if isinstance(output, tuple) else output
             hidden = hidden.clone()
             mask = steered_mask(hidden.shape[1])
-            hidden[:, mask, :] = hidden[:, mask, :] + alpha * vector.to(hidden.dtype)
+            hidden[:, mask, :] = hidden[:, mask, :] + alpha * vector.to(hidden.device, hidden.dtype)
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
@@ -79,9 +82,10 @@ def greedy_generate(model, prompt_ids, max_new_tokens, *, heads=None, residual=N
     ``residual`` = {layer: vector}."""
     state = {"offset": 0}
     out: list[int] = []
+    prompt_ids = [int(t) for t in prompt_ids]
     with steering_hooks(model, heads=heads, residual=residual, alpha=alpha, prompt_len=len(prompt_ids),
                         prompt_positions=prompt_positions, state=state):
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=model.device)
         past = None
         for _ in range(max_new_tokens):
             result = model(input_ids=ids, past_key_values=past, use_cache=True)
@@ -89,5 +93,5 @@ def greedy_generate(model, prompt_ids, max_new_tokens, *, heads=None, residual=N
             state["offset"] += ids.shape[1]
             token = int(result.logits[0, -1].argmax())
             out.append(token)
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]], device=model.device)
     return out

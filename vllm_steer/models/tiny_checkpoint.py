@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+_BUILDER_VERSION = 2
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -138,15 +139,25 @@ def build_tiny_checkpoint(
                 else:
                     param.copy_(0.02 * torch.randn(param.shape, generator=gen))
             else:
-                std = head_std if name.startswith("lm_head") else init_std
+                # The output head gets the larger scale; with tied embeddings the shared matrix
+                # (named embed_tokens, lm_head is deduplicated away) is that head.
+                is_head = name.startswith("lm_head") or (tie_word_embeddings and "embed_tokens" in name)
+                std = head_std if is_head else init_std
                 param.copy_(std * torch.randn(param.shape, generator=gen))
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
 
 
-def write_config_only(out_dir: str | Path, family: str = "llama", **shape) -> Path:
-    """Only config.json: for vLLM's ``load_format="dummy"`` on larger shapes (benchmarks)."""
+def write_config_only(out_dir: str | Path, family: str = "llama", *, tokenizer: bool = False, **shape) -> Path:
+    """Only config.json: for vLLM's ``load_format="dummy"`` on larger shapes (benchmarks).
+
+    ``shape`` takes ``build_tiny_checkpoint``'s shape arguments (vocab_size, hidden_size, num_layers,
+    num_heads, num_kv_heads, head_dim, intermediate_size, max_position_embeddings, ...). Without a
+    tokenizer, start vLLM with ``skip_tokenizer_init=True`` and token-id prompts; ``tokenizer=True``
+    also writes the BPE tokenizer (its vocabulary may be smaller than ``vocab_size``; the special
+    tokens keep ids 0/1/2 = pad/bos/eos, as in the config).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     defaults = dict(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=None,
@@ -154,13 +165,17 @@ def write_config_only(out_dir: str | Path, family: str = "llama", **shape) -> Pa
                     tie_word_embeddings=False, bos_id=1, eos_id=2, pad_id=0)
     defaults.update(shape)
     _config(family, **defaults).save_pretrained(str(out))
+    if tokenizer:
+        build_tokenizer(defaults["vocab_size"]).save_pretrained(str(out))
     return out
 
 
 def cached_tiny_checkpoint(family: str = "llama", cache_root: str | Path | None = None, **kwargs) -> Path:
     """``build_tiny_checkpoint`` into ``cache_root/<family>-<hash of args>``, only when missing."""
     root = Path(cache_root or os.environ.get("VLLM_STEER_CACHE") or Path.home() / ".cache" / "vllm-steer" / "models")
-    key = hashlib.sha256(json.dumps({"family": family, **kwargs}, sort_keys=True).encode()).hexdigest()[:12]
+    # _BUILDER_VERSION: bump when the builder's output changes, so stale cached folders are not reused.
+    key_args = {"family": family, "builder": _BUILDER_VERSION, **kwargs}
+    key = hashlib.sha256(json.dumps(key_args, sort_keys=True).encode()).hexdigest()[:12]
     target = root / f"{family}-{key}"
     if (target / "config.json").is_file():
         return target

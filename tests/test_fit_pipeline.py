@@ -1,0 +1,112 @@
+"""The fit pipeline end to end on a tiny model: TruthfulQA and JSONL in, a loadable pack out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import close_llm, greedy, make_llm, token_ids
+from vllm_steer.errors import SteeringError
+from vllm_steer.fit.capture import capture_engine
+from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
+from vllm_steer.pack import load_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+
+TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    llm = capture_engine(str(model), max_model_len=512, max_num_seqs=32)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def small_truthfulqa(tmp_path_factory):
+    """The first 24 questions of the shared mc_task.json (read from shared/, never copied into git)."""
+    data = json.loads((TRUTHFULQA / "mc_task.json").read_text())[:24]
+    path = tmp_path_factory.mktemp("tqa") / "mc_task.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_fit_truthfulqa_writes_a_pack_the_engine_uses(model, engine, small_truthfulqa, tmp_path):
+    out = tmp_path / "tqa.safetensors"
+    report = fit_steer_pack(str(model), small_truthfulqa, out,
+                            FitOptions(name="tqa", num_heads=5, residual_layers=[1, 2], progress=False,
+                                       max_model_len=512), llm=engine)
+    pack = load_pack(out, model=shape_of_checkpoint(model))
+    assert pack.manifest.num_heads_selected == 5 and pack.probe_weights is not None
+    assert pack.selected_heads == report.selected_heads
+    meta = pack.manifest.metadata
+    assert meta["K"] == 5 and meta["split"]["seed"] == 42 and len(meta["selected_val_accuracy"]) == 5
+    assert meta["selected_val_accuracy"] == sorted(meta["selected_val_accuracy"], reverse=True)
+    assert report.heatmap_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pack.manifest.residual_layers == [1, 2]
+    # The pack loads into a steering engine and changes the output.
+    llm = make_llm(model, packs=[out])
+    try:
+        prompt = [{"prompt_token_ids": [5, 17, 33, 90, 200]}]
+        plain = token_ids(llm.generate(prompt, greedy(8), use_tqdm=False))
+        steered = token_ids(llm.generate(prompt, greedy(8, {"pack": "tqa", "alpha": 20.0}), use_tqdm=False))
+        assert plain != steered
+    finally:
+        close_llm(llm)
+
+
+def test_fit_jsonl_pairs(model, engine, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q: is {i} even? A:", "positive": " yes" if i % 2 == 0 else " no",
+             "negative": " no" if i % 2 == 0 else " yes"} for i in range(30)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "pairs.safetensors"
+    report = fit_steer_pack(str(model), data, out, FitOptions(name="pairs", num_heads=3, position="mean",
+                                                              direction="probe", residual_layers="none",
+                                                              progress=False, max_model_len=512), llm=engine)
+    pack = load_pack(out)
+    assert pack.manifest.methods == ["iti"] and pack.manifest.metadata["position"] == "mean"
+    assert report.num_train + report.num_val == 60
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty|no rows"),
+    ('{"prompt": "a", "positive": "b"}\n', "negative"),
+    ('{"prompt": "a", "completion": "b", "label": 1}\n{"prompt": "c", "completion": "d", "label": 1}\n',
+     "one class|both"),
+])
+def test_bad_data_is_refused_and_nothing_is_written(model, tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(SteeringError, match=message):
+        fit_steer_pack(str(model), data, out, FitOptions(name="bad", progress=False), llm=object())
+    assert not out.exists() and not list(tmp_path.glob("never*"))
+
+
+def test_prompts_longer_than_the_context_are_refused(model, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 400, "positive": " a", "negative": " b"}) + "\n"
+                    + json.dumps({"prompt": "short", "positive": " a", "negative": " b"}) + "\n")
+    with pytest.raises(SteeringError, match="max_model_len|longer"):
+        fit_steer_pack(str(model), data, tmp_path / "x.safetensors",
+                       FitOptions(name="long", progress=False, max_model_len=64), llm=object())
+
+
+def test_cli_reports_bad_data_with_exit_code_2(model, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_steer.cli", "fit", "--model", str(model), "--data", str(data),
+         "--out", str(tmp_path / "p.safetensors")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr
+    assert not (tmp_path / "p.safetensors").exists()

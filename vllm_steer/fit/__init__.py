@@ -1,0 +1,1 @@
+"""Fitting steering from data: labelled completions, per-head probes, steering directions, reports."""

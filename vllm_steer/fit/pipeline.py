@@ -1,0 +1,193 @@
+"""The fit pipeline: labelled completions -> activations captured through vLLM -> per-head probes ->
+top-K heads -> directions and sigma -> residual vectors -> one steer pack (+ an accuracy heatmap).
+
+Follows ITI's reference recipe (methods.md): activations at the last token of prompt+completion
+(or the mean over the completion's tokens), one logistic probe per (layer, head), train/val split by
+question, heads ranked by validation accuracy, mass-mean directions (or probe weights), sigma = std
+of the projection of "tuning" activations on each direction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from vllm_steer.errors import SteeringError
+from vllm_steer.fit.capture import CaptureItem, capture_activations, capture_engine
+from vllm_steer.fit.datasets import LabeledCompletion, check_lengths, load_dataset, split_groups, tuning_prompts
+from vllm_steer.fit.directions import (
+    mass_mean_directions,
+    probe_directions,
+    projection_sigma,
+    residual_mean_difference,
+)
+from vllm_steer.fit.heatmap import save_accuracy_heatmap
+from vllm_steer.fit.probes import train_head_probes
+from vllm_steer.pack import PackManifest, build_pack, save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+
+Position = Literal["last", "mean"]
+
+
+@dataclass
+class FitOptions:
+    name: str
+    num_heads: int = 48  # K
+    seed: int = 42
+    val_fraction: float = 0.2
+    position: Position = "last"
+    direction: Literal["mass_mean", "probe"] = "mass_mean"
+    residual_layers: Sequence[int] | Literal["all", "none"] = "all"
+    max_model_len: int = 1024
+    batch_size: int = 128
+    progress: bool = True
+    llm_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitReport:
+    pack_path: Path
+    heatmap_path: Path
+    selected_heads: list[tuple[int, int]]
+    selected_val_accuracy: list[float]
+    best_val_accuracy: dict[str, float]  # per capture position
+    num_train: int
+    num_val: int
+    seconds: float
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d["pack_path"], d["heatmap_path"] = str(self.pack_path), str(self.heatmap_path)
+        return json.dumps(d, indent=2)
+
+
+def _tokenize(examples: Sequence[LabeledCompletion], tokenizer) -> tuple[list[list[int]], list[int]]:
+    """Token ids of prompt+completion and where the completion starts (the prompt's length)."""
+    ids, starts = [], []
+    for ex in examples:
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+        full = tokenizer(ex.prompt + ex.completion, add_special_tokens=True)["input_ids"]
+        start = min(len(prompt_ids), len(full) - 1)
+        ids.append(full)
+        starts.append(start)
+    return ids, starts
+
+
+def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: FitOptions, llm=None) -> FitReport:
+    """Fit a pack on ``dataset`` for ``model`` and write it to ``out`` (a ``.safetensors`` path).
+
+    ``llm`` may be an existing capture engine (``capture_engine``); otherwise one is started.
+    Nothing is written unless every step succeeds.
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SteeringError(f"the output pack path must end in .safetensors: {out}", field="out")
+    examples = load_dataset(dataset)
+    shape = shape_of_checkpoint(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    check_lengths(examples, tokenizer, options.max_model_len)
+    if options.num_heads < 1 or options.num_heads > shape.num_layers * shape.num_heads:
+        raise SteeringError(
+            f"num_heads (K) must be in [1, {shape.num_layers * shape.num_heads}], got {options.num_heads}",
+            field="num_heads",
+        )
+    train_idx, val_idx = split_groups(examples, val_fraction=options.val_fraction, seed=options.seed)
+    labels = torch.tensor([ex.label for ex in examples])
+    token_ids, starts = _tokenize(examples, tokenizer)
+    tuning_ids = [
+        tokenizer(text, add_special_tokens=True)["input_ids"][: options.max_model_len]
+        for text in tuning_prompts(examples, seed=options.seed)
+    ]
+
+    own_engine = llm is None
+    if own_engine:
+        llm = capture_engine(model, max_model_len=options.max_model_len, **options.llm_kwargs)
+    try:
+        captured = capture_activations(
+            llm,
+            [CaptureItem(tuple(ids), positions=(len(ids) - 1,), mean_from=start) for ids, start in zip(token_ids, starts)],
+            shape, batch_size=options.batch_size, progress=options.progress,
+        )
+        tuning = capture_activations(
+            llm, [CaptureItem(tuple(ids), positions=(len(ids) - 1,), mean_from=None) for ids in tuning_ids],
+            shape, batch_size=options.batch_size, progress=options.progress,
+        )
+    finally:
+        if own_engine:
+            del llm
+
+    features = {"last": captured.heads_at[:, 0], "mean": captured.heads_mean}
+    probes_by_position = {
+        pos: train_head_probes(feats, labels, train_idx, val_idx, seed=options.seed, progress=options.progress)
+        for pos, feats in features.items()
+    }
+    probes = probes_by_position[options.position]
+    selected = probes.top_k(options.num_heads)
+    fit_idx = sorted(set(train_idx) | set(val_idx))
+    chosen = features[options.position]
+    if options.direction == "mass_mean":
+        directions = mass_mean_directions(chosen, labels, fit_idx)
+    else:
+        directions = probe_directions(probes)
+    sigma = projection_sigma(tuning.heads_at[:, 0], directions)
+
+    if options.residual_layers == "all":
+        res_layers = list(range(shape.num_layers))
+    elif options.residual_layers == "none":
+        res_layers = []
+    else:
+        res_layers = sorted(set(int(l) for l in options.residual_layers))
+    stream = captured.residual_at[:, 0] if options.position == "last" else captured.residual_mean
+    residual = residual_mean_difference(stream, labels, fit_idx) if res_layers else None
+
+    layers_t = torch.tensor([l for l, _ in selected], dtype=torch.int64)
+    heads_t = torch.tensor([h for _, h in selected], dtype=torch.int64)
+    tensors = {
+        "heads.layer": layers_t,
+        "heads.head": heads_t,
+        "heads.direction": directions[layers_t, heads_t].float(),
+        "heads.sigma": sigma[layers_t, heads_t].float(),
+        "residual.layer": torch.tensor(res_layers, dtype=torch.int64),
+        "residual.vector": residual[res_layers].float() if res_layers else torch.zeros(0, shape.hidden_size),
+        "probes.weight": probes.weight[layers_t, heads_t].float(),
+        "probes.bias": probes.bias[layers_t, heads_t].float(),
+    }
+    selected_acc = [float(probes.val_accuracy[l, h]) for l, h in selected]
+    best = {pos: float(p.val_accuracy.max()) for pos, p in probes_by_position.items()}
+    manifest = PackManifest(
+        name=options.name,
+        model=shape,
+        methods=["iti"] + (["residual"] if res_layers else []),
+        num_heads_selected=len(selected),
+        residual_layers=res_layers,
+        has_probes=True,
+        metadata={
+            "dataset": str(dataset),
+            "num_examples": len(examples),
+            "split": {"train": len(train_idx), "val": len(val_idx), "by": "group", "seed": options.seed,
+                      "val_fraction": options.val_fraction},
+            "K": len(selected),
+            "position": options.position,
+            "direction": options.direction,
+            "probe_C": sorted(set(probes.c.flatten().tolist())),  # sklearn's C: penalty ||w||^2 / (2C)
+            "selected_val_accuracy": selected_acc,
+            "best_val_accuracy_by_position": best,
+        },
+    )
+    pack = build_pack(manifest, tensors)
+    heatmap_path = out.with_suffix(".heads.png")
+    save_accuracy_heatmap(probes.val_accuracy, selected, heatmap_path,
+                          title=f"{options.name}: probe validation accuracy ({options.position} token)")
+    save_pack(out, pack)
+    return FitReport(
+        pack_path=out, heatmap_path=heatmap_path, selected_heads=selected, selected_val_accuracy=selected_acc,
+        best_val_accuracy=best, num_train=len(train_idx), num_val=len(val_idx), seconds=time.time() - t0,
+    )
