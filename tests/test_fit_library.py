@@ -454,3 +454,13 @@ def test_heatmap_writes_a_png(tmp_path):
     with pytest.raises(IndexError):
         save_accuracy_heatmap(acc, [(4, 0)], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_labelled_row_with_empty_completion_labels_the_prompt(tmp_path):
+    from vllm_steer.fit.datasets import load_jsonl
+
+    path = tmp_path / "modes.jsonl"
+    path.write_text('{"prompt": "Q: a A:", "completion": "", "label": 1}\n'
+                    '{"prompt": "Q: b A:", "completion": "", "label": 0}\n')
+    rows = load_jsonl(path)
+    assert [(r.prompt, r.completion, r.label) for r in rows] == [("Q: a A:", "", 1), ("Q: b A:", "", 0)]

@@ -180,7 +180,8 @@ def load_jsonl(path: str | Path) -> list[LabeledCompletion]:
     """Generic JSONL: ``{"prompt", "positive", "negative"}`` or ``{"prompt", "completion", "label"}``.
 
     The pair form yields two completions (``positive`` label 1, ``negative`` label 0). ``label`` is
-    0/1 or true/false. The group is the line's ``"group"`` (else ``"id"``) value as a string, or the
+    0/1 or true/false; an empty ``completion`` labels the prompt itself (its activations are then read
+    at the prompt's last token, e.g. the answer cue). The group is the line's ``"group"`` (else ``"id"``) value as a string, or the
     1-based line number. Blank lines are skipped; the two forms may be mixed in one file.
     """
     p = Path(path)
@@ -204,7 +205,7 @@ def load_jsonl(path: str | Path) -> list[LabeledCompletion]:
             examples += [LabeledCompletion(group, prompt, positive, 1), LabeledCompletion(group, prompt, negative, 0)]
         elif "completion" in obj or "label" in obj:
             prompt = _text(_key(obj, "prompt", where), where, "prompt")
-            completion = _text(_key(obj, "completion", where), where, "completion")
+            completion = _text(_key(obj, "completion", where), where, "completion", allow_empty=True)
             label = _label(_key(obj, "label", where), where, "label")
             examples.append(LabeledCompletion(group, prompt, completion, label))
         else:
@@ -324,10 +325,10 @@ def _key(obj: dict, key: str, where: str) -> Any:
     return obj[key]
 
 
-def _text(value: Any, where: str, field: str) -> str:
+def _text(value: Any, where: str, field: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DatasetError(f"{where}: {field!r} must be a string, got {type(value).__name__}", field=field)
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         raise DatasetError(f"{where}: {field!r} is empty", field=field)
     return value
 
