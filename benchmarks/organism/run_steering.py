@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-root", help="organism cache (default ~/.cache/vllm-steer/models)")
     p.add_argument("--organism", help="use this trained organism folder instead of the cached default")
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--num-pairs", type=int, default=800)
     p.add_argument("--contrast", choices=["modes", "answers"], default="modes",
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.organism) if args.organism else cached_organism(
-        args.cache_root, world_config=WorldConfig(seed=args.world_seed), seed=args.train_seed)
+        args.cache_root, world_config=WorldConfig(seed=args.world_seed), seed=args.train_seed,
+        steps=args.train_steps, loss_on="answers")
     record = json.loads((model / ORGANISM_FILE).read_text())
     world = World(WorldConfig(**record["world"]))
     print(f"organism: {model} (trained in {record['training'].get('seconds', float('nan')):.0f} s)")
