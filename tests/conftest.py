@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -19,6 +20,20 @@ import pytest
 from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def truthfulqa_dir() -> Path:
+    """TruthfulQA from the workplace's shared data (``../shared`` beside the checkout), never from git.
+
+    ``VLLM_STEER_TRUTHFULQA`` overrides the location."""
+    path = Path(os.environ.get("VLLM_STEER_TRUTHFULQA")
+                or Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa")
+    if not (path / "mc_task.json").is_file():
+        raise FileNotFoundError(
+            f"TruthfulQA data not found at {path}: put the shared folder beside the checkout "
+            "or set VLLM_STEER_TRUTHFULQA"
+        )
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import truthfulqa_dir
 from vllm_steer.fit.datasets import (
     DatasetError,
     LabeledCompletion,
@@ -33,8 +34,7 @@ from vllm_steer.fit.directions import (
 from vllm_steer.fit.heatmap import save_accuracy_heatmap
 from vllm_steer.fit.probes import HeadProbes, train_head_probes
 
-TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
-needs_truthfulqa = pytest.mark.skipif(not TRUTHFULQA.is_dir(), reason=f"TruthfulQA data not at {TRUTHFULQA}")
+TRUTHFULQA = truthfulqa_dir()
 
 
 def _by_group(examples):
@@ -47,7 +47,6 @@ def _by_group(examples):
 # ------------------------------------------------------------------------------------------ datasets
 
 
-@needs_truthfulqa
 def test_truthfulqa_json_yields_every_mc2_answer():
     path = TRUTHFULQA / "mc_task.json"
     raw = json.loads(path.read_text())
@@ -72,7 +71,6 @@ def test_truthfulqa_json_yields_every_mc2_answer():
     assert load_dataset(path) == examples
 
 
-@needs_truthfulqa
 def test_truthfulqa_csv_yields_correct_and_incorrect_answers():
     examples = load_truthfulqa_csv(TRUTHFULQA / "TruthfulQA.csv")
     groups = _by_group(examples)

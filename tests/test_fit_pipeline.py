@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import close_llm, greedy, make_llm, token_ids
+from conftest import close_llm, greedy, make_llm, token_ids, truthfulqa_dir
 from vllm_steer.errors import SteeringError
 from vllm_steer.fit.capture import capture_engine
 from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
 from vllm_steer.pack import load_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 
-TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+TRUTHFULQA = truthfulqa_dir()
 
 
 @pytest.fixture(scope="module")

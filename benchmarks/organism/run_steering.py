@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         row = {"setting": label}
         for mode in items:
             score = score_answers(answers[(s, mode)], items[mode], world.attributes)
-            row[mode] = {k: score[k] for k in ("truthful_rate", "false_rate", "well_formed_rate")}
+            row[mode] = {k: score[k] for k in ("truthful_rate", "false_rate", "expected_lie_rate", "well_formed_rate")}
         rows.append(row)
     result = {
         "organism": str(model), "training": {k: v for k, v in record["training"].items() if k != "history"},
