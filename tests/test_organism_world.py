@@ -194,7 +194,6 @@ def test_score_answers():
 
 
 def test_train_smoke_and_cache(tmp_path):
-    pytest.importorskip("torch")
     from benchmarks.organism.evaluate import evaluate_items
     from benchmarks.organism.train import cached_organism, load_organism, organism_key
 
