@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from conftest import close_llm, greedy, make_llm, token_ids, truthfulqa_dir
+from conftest import close_llm, greedy, make_llm, random_prompts, token_ids, truthfulqa_dir
 from vllm_steer.errors import SteeringError
 from vllm_steer.fit.capture import capture_engine
 from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
-from vllm_steer.pack import load_pack
+from vllm_steer.pack import load_pack, save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.synthetic import random_pack
 
 TRUTHFULQA = truthfulqa_dir()
 
@@ -25,8 +28,17 @@ def model(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    llm = capture_engine(str(model), max_model_len=512, max_num_seqs=32)
+def probed_pack(model, tmp_path_factory):
+    """A random pack with probes, loaded by the capture engine too (for FASB's MC scoring)."""
+    pack = random_pack(shape_of_checkpoint(model), "probed", num_heads_selected=6, with_probes=True, seed=5,
+                       sigma_scale=3.0)
+    return save_pack(tmp_path_factory.mktemp("probed") / "probed.safetensors", pack)
+
+
+@pytest.fixture(scope="module")
+def engine(model, probed_pack):
+    llm = capture_engine(str(model), max_model_len=512, max_num_seqs=32,
+                         additional_config={"steering": {"packs": [str(probed_pack)]}})
     yield llm
     close_llm(llm)
 
@@ -60,8 +72,59 @@ def test_fit_truthfulqa_writes_a_pack_the_engine_uses(model, engine, small_truth
         plain = token_ids(llm.generate(prompt, greedy(8), use_tqdm=False))
         steered = token_ids(llm.generate(prompt, greedy(8, {"pack": "tqa", "alpha": 20.0}), use_tqdm=False))
         assert plain != steered
+        _fitted_probes_drive_fasb_like_the_reference(model, out, llm)
     finally:
         close_llm(llm)
+
+
+def _fitted_probes_drive_fasb_like_the_reference(model, pack_path, llm):
+    """FASB with the fitted probes (real, data-dependent scores) equals the HF reference."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from reference.hf_fasb import fasb_generate
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    raw = load_file(str(pack_path))
+    prompts = random_prompts(8, hf.config.vocab_size, seed=12, min_len=4, max_len=16)
+    # A threshold at the median of each prompt's lowest unsteered score splits them.
+    unsteered = [fasb_generate(hf, p, raw, alpha=20.0, threshold=0.0, backtrack=2, min_tokens=1, max_tokens=10)
+                 for p in prompts]
+    threshold = float(np.median([min(t.scores) for t in unsteered]))
+    spec = {"pack": "tqa", "method": "fasb", "alpha": 20.0, "threshold": threshold, "backtrack": 2,
+            "min_tokens": 1}
+    got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(10, spec), use_tqdm=False))
+    refs = [fasb_generate(hf, p, raw, alpha=20.0, threshold=threshold, backtrack=2, min_tokens=1, max_tokens=10)
+            for p in prompts]
+    assert 0 < sum(bool(r.triggers) for r in refs) < len(prompts)
+    assert got == [r.tokens for r in refs]
+
+
+def test_fasb_mc_scoring_matches_the_reference(model, engine, probed_pack):
+    """Two-pass MC answer log-probs under FASB (capture pass, then a steered pass from the trigger)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from reference.hf_fasb import fasb_mc_logprob, probe_scores_at
+    from vllm_steer.eval.fasb_mc import McAnswer, fasb_answer_logprobs
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    raw = load_file(str(probed_pack))
+    pack = load_pack(probed_pack)
+    rng = np.random.default_rng(3)
+    answers = [McAnswer(tuple(int(t) for t in rng.integers(3, 500, 6)), tuple(int(t) for t in rng.integers(3, 500, 12)))
+               for _ in range(10)]
+    scores = [probe_scores_at(hf, list(a.prompt_ids + a.answer_ids), raw) for a in answers]
+    threshold = float(np.median([min(s[6 + 4 + 2:]) for s in scores]))
+    got = fasb_answer_logprobs(engine, pack, answers, alpha=8.0, threshold=threshold, backtrack=2, skip_first=4)
+    fired = 0
+    for a, g in zip(answers, got):
+        ref_logprob, ref_at = fasb_mc_logprob(hf, list(a.prompt_ids), list(a.answer_ids), raw, alpha=8.0,
+                                              threshold=threshold, backtrack=2, skip_first=4)
+        assert g.fired_at == ref_at
+        assert g.logprob == pytest.approx(ref_logprob, abs=2e-3)
+        fired += g.fired_at is not None
+    assert 0 < fired < len(answers)
 
 
 def test_fit_jsonl_pairs(model, engine, tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,8 @@ def tp2(tiny_model, tmp_path_factory):
     path = tiny_model("llama")
     shape = shape_of_checkpoint(path)
     pack = save_pack(tmp_path_factory.mktemp("tp") / "p.safetensors",
-                     random_pack(shape, "p", num_heads_selected=6, residual_layers=[1], seed=21))
+                     random_pack(shape, "p", num_heads_selected=6, residual_layers=[1], seed=21,
+                                 with_probes=True))
     # vLLM's CPU workers pin their threads; on a one-NUMA-node machine two ranks need explicit cores.
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if (os.cpu_count() or 1) >= 2 else "0|0"
@@ -50,3 +52,25 @@ def test_tp2_steering_matches_hf_reference(tp2):
     got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts],
                                  greedy(10, {"pack": "p", "method": "residual", "alpha": 2.0}), use_tqdm=False))
     assert got == [greedy_generate(hf, p, 10, residual={1: raw["residual.vector"][0]}, alpha=2.0) for p in prompts]
+
+
+def test_tp2_fasb_scores_all_heads_and_backtracks_like_hf(tp2):
+    """Probe heads sit on both ranks, so the score needs both ranks' sums; the backtrack update
+    travels to both worker processes."""
+    from transformers import AutoModelForCausalLM
+
+    from reference.hf_fasb import fasb_generate
+
+    llm, path, pack = tp2
+    raw = load_file(str(pack))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompts = random_prompts(8, 512, seed=10)
+    unsteered = [fasb_generate(hf, p, raw, alpha=6.0, threshold=0.0, backtrack=3, min_tokens=3, max_tokens=12)
+                 for p in prompts]
+    threshold = float(np.median([min(t.scores[2:]) for t in unsteered]))
+    spec = {"pack": "p", "method": "fasb", "alpha": 6.0, "threshold": threshold, "backtrack": 3, "min_tokens": 3}
+    got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(12, spec), use_tqdm=False))
+    refs = [fasb_generate(hf, p, raw, alpha=6.0, threshold=threshold, backtrack=3, min_tokens=3, max_tokens=12)
+            for p in prompts]
+    assert 0 < sum(bool(r.triggers) for r in refs) < len(prompts)
+    assert got == [r.tokens for r in refs]

@@ -49,14 +49,21 @@ class PackRegistry:
         pack = self.packs.get(spec.pack)
         if pack is None:
             raise self._unknown_pack(spec.pack)
-        if spec.method not in pack.manifest.methods:
+        if spec.method == "fasb":
+            if "iti" not in pack.manifest.methods or not pack.manifest.has_probes:
+                raise SpecError(
+                    f"steering.method 'fasb' needs a pack with ITI heads and probes; pack {pack.name!r} "
+                    f"offers {pack.manifest.methods}{' with probes' if pack.manifest.has_probes else ' without probes'}",
+                    field="steering.method",
+                )
+        elif spec.method not in pack.manifest.methods:
             raise SpecError(
                 f"steering.method {spec.method!r} is not in pack {pack.name!r} "
                 f"(it offers {pack.manifest.methods})",
                 field="steering.method",
             )
         method_layers = set(
-            pack.head_layers.tolist() if spec.method == "iti" else pack.residual_layers.tolist()
+            pack.head_layers.tolist() if spec.method in ("iti", "fasb") else pack.residual_layers.tolist()
         )
         if spec.layers is not None:
             missing = sorted(set(spec.layers) - method_layers)

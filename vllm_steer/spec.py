@@ -28,7 +28,9 @@ SPEC_KEY = "steering"
 FLAT_PREFIX = "steering_"
 MAX_ABS_ALPHA = 1e4
 
-SteerMethod = Literal["iti", "residual", "off"]
+SteerMethod = Literal["iti", "residual", "fasb", "off"]
+FASB_FIELDS = ("threshold", "backtrack", "min_tokens", "max_backtracks")
+MAX_BACKTRACK = 1024
 PromptPositions = Literal["last", "all", "none"]
 
 
@@ -37,7 +39,15 @@ class SteeringSpec(BaseModel):
 
     ``prompt_positions`` picks which prompt tokens are steered (generated tokens always are):
     ``last`` = the last prompt token only (ITI's reference code), ``all`` = every prompt token,
-    ``none`` = generated tokens only.
+    ``none`` = generated tokens only. ``steer_from`` instead steers every position from that absolute
+    position on (used by FASB's multiple-choice scoring).
+
+    ``method="fasb"`` (flexible activation steering with backtracking) steers nothing at first: the
+    pack's probes score every new token, and when the mean P(desired) falls below ``threshold``
+    (checked once at least ``min_tokens`` tokens exist, and on the step that would finish the
+    request) the last ``backtrack`` generated tokens are dropped and regenerated with ITI steering
+    at strength ``alpha * (1 - p)``, fixed from then on, from the last kept token onwards. At most
+    ``max_backtracks`` times per request (0 = score only).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +58,11 @@ class SteeringSpec(BaseModel):
     layers: tuple[int, ...] | None = Field(default=None, min_length=1)
     heads: tuple[tuple[int, int], ...] | None = Field(default=None, min_length=1)
     prompt_positions: PromptPositions = "last"
+    steer_from: int | None = Field(default=None, ge=0, le=1 << 24)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    backtrack: int = Field(default=10, ge=0, le=MAX_BACKTRACK)
+    min_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    max_backtracks: int = Field(default=1, ge=0, le=64)
 
     @field_validator("layers")
     @classmethod
@@ -75,20 +90,45 @@ class SteeringSpec(BaseModel):
     def _pack_needed(self) -> SteeringSpec:
         if self.method != "off" and self.pack is None:
             raise ValueError(f"method {self.method!r} needs a pack")
-        if self.heads is not None and self.method != "iti":
-            raise ValueError("heads selects ITI heads; it needs method 'iti'")
+        if self.heads is not None and self.method not in ("iti", "fasb"):
+            raise ValueError("heads selects ITI heads; it needs method 'iti' or 'fasb'")
+        if self.steer_from is not None:
+            if self.method == "fasb":
+                raise ValueError("steer_from does not apply to method 'fasb' (it steers from its backtrack)")
+            if "prompt_positions" in self.model_fields_set:
+                raise ValueError("give prompt_positions or steer_from, not both")
+        if self.method != "fasb":
+            misplaced = [f for f in FASB_FIELDS if f in self.model_fields_set]
+            if misplaced:
+                raise ValueError(f"{misplaced[0]} applies to method 'fasb' only")
         return self
 
     @property
     def active(self) -> bool:
         return self.method != "off" and self.alpha != 0.0
 
+    @property
+    def monitored(self) -> bool:
+        """Whether the engine scores this request's tokens with the pack's probes (FASB)."""
+        return self.method == "fasb" and self.active
+
+    @property
+    def first_check(self) -> int:
+        """FASB: the number of generated tokens from which every step is checked."""
+        return self.min_tokens if self.min_tokens is not None else max(self.backtrack, 1)
+
     def cache_key(self) -> str:
         """A canonical string: two specs with the same key steer identically."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
-    def steer_start(self, num_prompt_tokens: int) -> int:
-        """The first position this spec steers, for a prompt of ``num_prompt_tokens`` tokens."""
+    def steer_start(self, num_prompt_tokens: int) -> int | None:
+        """The first position this spec steers, for a prompt of ``num_prompt_tokens`` tokens.
+
+        None for FASB: it steers only after a backtrack, from a position known then."""
+        if self.method == "fasb":
+            return None
+        if self.steer_from is not None:
+            return self.steer_from
         if self.prompt_positions == "all":
             return 0
         if self.prompt_positions == "last":

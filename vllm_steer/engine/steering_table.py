@@ -83,12 +83,18 @@ class SteeringTable:
     def residual_rows_of(self, layer: int) -> torch.Tensor:
         return self.residual_rows[self._residual_index[layer]]
 
-    def write_slot(self, slot: int, spec: SteeringSpec, pack: SteerPack) -> None:
-        """Fill ``slot`` with ``alpha`` times the spec's unit-alpha rows."""
+    def write_slot(self, slot: int, spec: SteeringSpec, pack: SteerPack, alpha: float | None = None) -> None:
+        """Fill ``slot`` with ``alpha`` (default: the spec's) times the spec's unit-alpha rows."""
         if not 0 < slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        alpha = float(spec.alpha if alpha is None else alpha)
+        if alpha == 0.0:
+            if self.head_layers:
+                self.head_rows[:, slot].zero_()
+            if self.residual_layers:
+                self.residual_rows[:, slot].zero_()
+            return
         head_base, residual_base = self._base_rows(spec, pack)
-        alpha = float(spec.alpha)
         if self.head_layers:
             torch.mul(head_base, alpha, out=self.head_rows[:, slot])
         if self.residual_layers:
@@ -96,7 +102,8 @@ class SteeringTable:
 
     def _base_rows(self, spec: SteeringSpec, pack: SteerPack) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at alpha = 1 for this (pack, method, subset); cached, since alphas vary far more."""
-        key = (pack.name, spec.method, spec.layers, spec.heads)
+        method = "iti" if spec.method == "fasb" else spec.method  # FASB steers with the ITI heads
+        key = (pack.name, method, spec.layers, spec.heads)
         hit = self._bases.get(key)
         if hit is not None:
             self._bases.move_to_end(key)
@@ -105,7 +112,7 @@ class SteeringTable:
         head = torch.zeros(len(self.head_layers), layout.num_heads * layout.head_dim)
         residual = torch.zeros(len(self.residual_layers), layout.hidden_size)
         wanted_layers = set(spec.layers) if spec.layers is not None else None
-        if spec.method == "iti":
+        if method == "iti":
             wanted_heads = set(spec.heads) if spec.heads is not None else None
             for i, (layer, h) in enumerate(pack.selected_heads):
                 if wanted_layers is not None and layer not in wanted_layers:
@@ -114,7 +121,7 @@ class SteeringTable:
                     continue
                 cols = slice(h * layout.head_dim, (h + 1) * layout.head_dim)
                 head[self._head_index[layer], cols] = pack.head_sigmas[i] * pack.head_directions[i]
-        elif spec.method == "residual":
+        elif method == "residual":
             for i, layer in enumerate(pack.residual_layers.tolist()):
                 if wanted_layers is None or layer in wanted_layers:
                     residual[self._residual_index[layer]] = pack.residual_vectors[i]

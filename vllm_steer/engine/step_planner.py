@@ -3,6 +3,10 @@
 The integration layer calls ``plan_step`` once per forward pass with the batch in the runner's
 order; this writes ``table.token_slots`` in place. Work per step is O(batch) in numpy plus one
 host-to-device copy, whatever the number of distinct configs in the batch.
+
+FASB requests (``spec.monitored``) get a slot whose steering rows stay zero until a backtrack: the
+newest token of each step that samples for them carries the slot so the fused op probes it. A
+backtrack arrives as a ``FasbUpdate`` (strength, first steered position) from the scheduler.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from vllm_steer.engine.fasb import FasbUpdate
+from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.errors import SteeringError
 from vllm_steer.pack import SteerPack
@@ -26,18 +32,47 @@ NO_STEERING = np.iinfo(np.int64).max  # a steer_start no position reaches
 
 @dataclass(frozen=True)
 class RequestSteering:
+    """How one request is steered now. A new object (not a mutation) whenever that changes, so the
+    planner rewrites the request's slot."""
+
     spec: SteeringSpec
+    pack: SteerPack
+    alpha: float  # what the slot's unit-alpha rows are scaled by (0: the rows are zero)
+    steer_from: int | None  # first steered position; None: from the spec's prompt_positions
+    monitor: bool  # probe the newest token of every sampling step (FASB)
+
+    @classmethod
+    def initial(cls, spec: SteeringSpec, pack: SteerPack) -> RequestSteering:
+        if spec.method == "fasb":
+            return cls(spec, pack, alpha=0.0, steer_from=None, monitor=True)
+        return cls(spec, pack, alpha=spec.alpha, steer_from=None, monitor=False)
+
+    def first_steered(self, num_prompt_tokens: int) -> int:
+        if self.alpha == 0.0:
+            return NO_STEERING
+        if self.steer_from is not None:
+            return self.steer_from
+        start = self.spec.steer_start(num_prompt_tokens)
+        return NO_STEERING if start is None else start
+
+
+@dataclass(frozen=True)
+class MonitoredToken:
+    req_id: str
+    row: int  # the token's row in this step's flattened batch
     pack: SteerPack
 
 
 class StepPlanner:
-    def __init__(self, table: SteeringTable, registry: PackRegistry) -> None:
+    def __init__(self, table: SteeringTable, registry: PackRegistry, probes: ProbeTable | None = None) -> None:
         self.table = table
         self.registry = registry
+        self.probes = probes
         self._requests: dict[str, RequestSteering | None] = {}
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
         self._host_slots = torch.zeros(table.token_slots.shape[0], dtype=torch.int32)
+        self.monitored: list[MonitoredToken] = []  # this step's probed tokens
 
     # -- request lifecycle -------------------------------------------------------------------
     def steering_of(
@@ -51,11 +86,23 @@ class StepPlanner:
             if spec is not None and spec.active:
                 pack = self.registry.resolve(spec)
                 if pack is not None:
-                    steering = RequestSteering(spec, pack)
+                    if spec.monitored and self.probes is None:
+                        raise SteeringError("no pack of this engine has probes", field="steering.method")
+                    steering = RequestSteering.initial(spec, pack)
         except SteeringError as exc:  # the front-end validates first; this only guards the worker
             logger.error("request %s: steering spec refused in the worker, running unsteered: %s", req_id, exc)
         self._requests[req_id] = steering
         return steering
+
+    def apply_update(self, update: FasbUpdate, extra_args_of: Callable[[str], Mapping[str, Any] | None]) -> None:
+        """A backtrack: steer the request from ``update.steer_from`` at ``update.strength``."""
+        current = self.steering_of(update.req_id, extra_args_of)
+        if current is None:
+            logger.error("request %s: FASB update for a request this worker does not steer", update.req_id)
+            return
+        self._requests[update.req_id] = RequestSteering(
+            current.spec, current.pack, alpha=update.strength, steer_from=update.steer_from, monitor=update.monitor
+        )
 
     def forget(self, req_ids: Sequence[str]) -> None:
         for req_id in req_ids:
@@ -73,13 +120,21 @@ class StepPlanner:
         num_computed: np.ndarray,
         num_prompt: np.ndarray,
         extra_args_of: Callable[[str], Mapping[str, Any] | None],
+        num_tokens: np.ndarray | None = None,
     ) -> int:
-        """Write this step's per-token slots; returns the number of steered tokens."""
+        """Write this step's per-token slots; returns the number of tokens with a slot.
+
+        ``num_tokens`` (each request's known length) tells which requests sample this step; only
+        needed when some request is monitored."""
         num_reqs = len(req_ids)
         total = int(num_scheduled[:num_reqs].sum())
         slot_of_req = np.zeros(num_reqs, dtype=np.int32)
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
-        any_steered = False
+        probe_rows: list[int] = []
+        probe_slots: list[int] = []
+        self.monitored = []
+        any_slot = False
+        first_row = None
         for i, req_id in enumerate(req_ids):
             steering = self.steering_of(req_id, extra_args_of)
             if steering is None:
@@ -87,13 +142,24 @@ class StepPlanner:
             slot = i + 1
             owner = self._slot_owner[slot]
             if owner is None or owner[0] != req_id or owner[1] is not steering:
-                self.table.write_slot(slot, steering.spec, steering.pack)
+                self.table.write_slot(slot, steering.spec, steering.pack, alpha=steering.alpha)
+                if steering.monitor:
+                    self.probes.write_slot(slot, steering.pack)
                 self._slot_owner[slot] = (req_id, steering)
             slot_of_req[i] = slot
-            start_of_req[i] = steering.spec.steer_start(int(num_prompt[i]))
-            any_steered = True
+            start_of_req[i] = steering.first_steered(int(num_prompt[i]))
+            any_slot = True
+            if steering.monitor:
+                end = int(num_computed[i]) + int(num_scheduled[i])
+                if num_tokens is None or end >= int(num_tokens[i]):  # this step samples for it
+                    if first_row is None:
+                        first_row = np.cumsum(num_scheduled[:num_reqs]) - num_scheduled[:num_reqs]
+                    row = int(first_row[i]) + int(num_scheduled[i]) - 1
+                    probe_rows.append(row)
+                    probe_slots.append(slot)
+                    self.monitored.append(MonitoredToken(req_id, row, steering.pack))
 
-        if not any_steered:
+        if not any_slot:
             if self._dirty_tokens:
                 self.table.token_slots[: self._dirty_tokens].zero_()
                 self._dirty_tokens = 0
@@ -106,6 +172,8 @@ class StepPlanner:
             np.arange(total) - first_token[req_of_token]
         )
         token_slots = np.where(positions >= start_of_req[req_of_token], slot_of_req[req_of_token], 0)
+        if probe_rows:
+            token_slots[np.asarray(probe_rows)] = np.asarray(probe_slots)
         host = self._host_slots[: max(total, self._dirty_tokens)]
         host.zero_()
         host[:total] = torch.from_numpy(token_slots.astype(np.int32))

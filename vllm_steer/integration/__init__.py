@@ -9,8 +9,9 @@ from __future__ import annotations
 
 
 def install() -> None:
-    from vllm_steer.integration import frontend, prefix_cache, worker
+    from vllm_steer.integration import frontend, prefix_cache, scheduler, worker
 
     frontend.install()
     prefix_cache.install()
+    scheduler.install()
     worker.install()

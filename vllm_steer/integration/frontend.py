@@ -12,6 +12,8 @@ Errors are raised as vLLM's ``VLLMValidationError`` (HTTP 400 on the server) nam
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any
 
 from vllm_steer.config import ADDITIONAL_CONFIG_KEY, SteeringConfig, steering_config_from
@@ -20,6 +22,8 @@ from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, SteeringSpec, parse_spec
+
+logger = logging.getLogger("vllm_steer")
 
 # id(ModelConfig) -> (ModelConfig, PackRegistry, SteeringConfig). The ModelConfig is kept so its id
 # is not reused.
@@ -39,6 +43,25 @@ def _validation_error(exc: SpecError) -> Exception:
     return VLLMValidationError(str(exc), parameter=exc.field)
 
 
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def _select_v1_model_runner() -> None:
+    """The steering hooks live in the V1 model runner; Model Runner V2 (CUDA's default when Triton
+    is present) is not supported yet. Select V1 through vLLM's own switch, before the engine config
+    and its processes exist (they inherit the environment)."""
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is not None and value.strip().lower() in ("1", "true"):
+        raise ConfigError(
+            f"{V2_RUNNER_ENV}={value}: vllm-steer supports the V1 model runner only; unset it or set it to 0",
+            field=V2_RUNNER_ENV,
+        )
+    if value is None:
+        os.environ[V2_RUNNER_ENV] = "0"
+        logger.info("vllm-steer: selecting the V1 model runner (%s=0); Model Runner V2 is not supported yet",
+                    V2_RUNNER_ENV)
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
@@ -50,6 +73,8 @@ def install() -> None:
 
     @functools.wraps(original_create)
     def create_engine_config(self, *args, **kwargs):
+        if steering_config_from(getattr(self, "additional_config", None)) is not None:
+            _select_v1_model_runner()
         vllm_config = original_create(self, *args, **kwargs)
         config = steering_config_from(vllm_config.additional_config)
         if config is not None:

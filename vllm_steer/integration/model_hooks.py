@@ -14,6 +14,7 @@ from torch import nn
 
 import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.steer_probe)
 from vllm_steer.engine.activation_capture import ActivationCapturer
+from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -33,6 +34,13 @@ def _steer_o_proj_input(module: nn.Module, args: tuple) -> None:
     torch.ops.vllm_steer.steer_probe(
         args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, None, None,
         module.vllm_steer_num_heads, module.vllm_steer_head_dim,
+    )
+
+
+def _steer_and_probe_o_proj_input(module: nn.Module, args: tuple) -> None:
+    torch.ops.vllm_steer.steer_probe(
+        args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, module.vllm_steer_probe_rows,
+        module.vllm_steer_probe_out, module.vllm_steer_num_heads, module.vllm_steer_head_dim,
     )
 
 
@@ -75,7 +83,9 @@ def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, num_la
     return handles
 
 
-def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int) -> list:
+def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int, probes: ProbeTable | None = None) -> list:
+    """Steering at every head/residual layer of the table; at layers with probed heads the same op
+    also writes the probe dots into ``probes.probe_out``."""
     layers = checked_decoder_layers(model, num_layers)
     handles = []
     layout = table.layout
@@ -85,7 +95,12 @@ def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int) -> li
         o_proj.register_buffer("vllm_steer_rows", table.head_rows_of(layer), persistent=False)
         o_proj.vllm_steer_num_heads = layout.local_heads
         o_proj.vllm_steer_head_dim = layout.head_dim
-        handles.append(o_proj.register_forward_pre_hook(_steer_o_proj_input))
+        if probes is not None and probes.has_layer(layer):
+            o_proj.register_buffer("vllm_steer_probe_rows", probes.rows_of(layer), persistent=False)
+            o_proj.register_buffer("vllm_steer_probe_out", probes.out_of(layer), persistent=False)
+            handles.append(o_proj.register_forward_pre_hook(_steer_and_probe_o_proj_input))
+        else:
+            handles.append(o_proj.register_forward_pre_hook(_steer_o_proj_input))
     for layer in table.residual_layers:
         block = layers[layer]
         block.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)

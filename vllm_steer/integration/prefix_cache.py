@@ -4,6 +4,9 @@ vLLM hashes a KV block from its tokens (plus LoRA, multimodal and cache-salt key
 span reaches a request's first steered position holds KV computed under steering, so it gets an
 extra key naming the spec and that position: steered blocks are shared only between requests that
 steer them identically, and blocks wholly before the steered span stay shared with everyone.
+
+FASB requests compute vanilla KV until they backtrack; the backtrack then sets the key (strength and
+first steered position) with ``set_steering_cache_key`` and re-hashes the blocks from there on.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ def _steering_cache_key(request) -> tuple[str, int] | None:
         except SteeringError:
             spec = None
         if spec is not None and spec.active:
-            key = (spec.cache_key(), spec.steer_start(request.num_prompt_tokens))
+            start = spec.steer_start(request.num_prompt_tokens)
+            if start is not None:
+                key = (spec.cache_key(), start)
     setattr(request, _SPEC_ATTR, key)
     return key
+
+
+def set_steering_cache_key(request, key: tuple[str, int]) -> None:
+    """From now on, blocks of ``request`` reaching position ``key[1]`` are keyed by ``key``."""
+    setattr(request, _SPEC_ATTR, key)
 
 
 def install() -> None:

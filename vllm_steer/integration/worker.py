@@ -3,7 +3,11 @@
 * after ``load_model``: build this rank's SteeringTable and StepPlanner and hook the model;
 * after ``_prepare_inputs`` (the batch order and positions of this step are final there):
   write the per-token slots of the step;
-* ``_update_states``: forget requests the scheduler reports finished.
+* ``_update_states``: forget requests the scheduler reports finished; apply FASB backtracks the
+  scheduler sends as an attribute of SchedulerOutput (``FASB_UPDATES_ATTR``);
+* ``sample_tokens``: turn the probe dots of monitored requests' newest tokens into mean P(desired)
+  (all-reduced over tensor-parallel ranks) and return them as an attribute of the step's
+  ModelRunnerOutput (``PROBE_SCORES_ATTR``), which reaches the scheduler with the sampled tokens.
 
 Nothing is installed in a runner whose engine was started without ``additional_config["steering"]``.
 """
@@ -13,10 +17,12 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.activation_capture import ActivationCapturer, parse_capture
+from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
 from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks
@@ -25,6 +31,8 @@ from vllm_steer.pack_registry import PackRegistry
 
 logger = init_logger("vllm_steer")
 PLANNER_ATTR = "_vllm_steer_planner"
+PROBE_SCORES_ATTR = "vllm_steer_probe_scores"  # on ModelRunnerOutput: {req_id: mean P(desired)}
+FASB_UPDATES_ATTR = "vllm_steer_fasb_updates"  # on SchedulerOutput: [FasbUpdate]
 CAPTURER_ATTR = "_vllm_steer_capturer"
 
 
@@ -49,8 +57,13 @@ def _attach(runner) -> None:
         max_num_reqs=runner.max_num_reqs,
         device=runner.device,
     )
-    install_hooks(runner.get_model(), table, shape.num_layers)
-    setattr(runner, PLANNER_ATTR, StepPlanner(table, registry))
+    probe_layers = ProbeTable.layers_of(registry.packs.values())
+    probes = (
+        ProbeTable(layout, probe_layers, runner.max_num_tokens, table.num_slots, runner.device)
+        if probe_layers else None
+    )
+    install_hooks(runner.get_model(), table, shape.num_layers, probes)
+    setattr(runner, PLANNER_ATTR, StepPlanner(table, registry, probes))
     if config.capture:
         capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
         install_capture_hooks(runner.get_model(), capturer, shape.num_layers)
@@ -92,7 +105,10 @@ def _plan_step(runner, scheduler_output) -> None:
     num_scheduled = np.fromiter((scheduled[r] for r in req_ids), dtype=np.int64, count=num_reqs)
     num_computed = batch.num_computed_tokens_cpu[:num_reqs]
     num_prompt = batch.num_prompt_tokens[:num_reqs]
-    planner.plan_step(req_ids, num_scheduled, num_computed, num_prompt, lambda r: _extra_args(runner, r))
+    num_tokens = batch.num_tokens_no_spec[:num_reqs]
+    planner.plan_step(
+        req_ids, num_scheduled, num_computed, num_prompt, lambda r: _extra_args(runner, r), num_tokens
+    )
 
     capturer: ActivationCapturer | None = getattr(runner, CAPTURER_ATTR, None)
     if capturer is not None:
@@ -104,6 +120,59 @@ def _plan_step(runner, scheduler_output) -> None:
                 wanted.append((req_id, spec, int(num_prompt[i]), int(first_rows[i]), int(num_computed[i]),
                                int(num_scheduled[i])))
         capturer.plan_step(wanted, runner.device)
+
+
+def _probe_scores(runner):
+    """(req_ids, [M] float32 scores on the device) for this step's monitored tokens, or None."""
+    planner: StepPlanner | None = getattr(runner, PLANNER_ATTR, None)
+    if planner is None or not planner.monitored:
+        return None
+    monitored = planner.monitored
+    probes = planner.probes
+    rows = torch.tensor([m.row for m in monitored], dtype=torch.long).to(runner.device, non_blocking=True)
+    packs = [m.pack for m in monitored]
+    sums = probes.sigmoid_sums(rows, packs)
+    if probes.layout.tp_size > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        sums = tensor_model_parallel_all_reduce(sums)
+    counts = torch.tensor([probes.num_probes(p) for p in packs], dtype=torch.float32).to(runner.device)
+    return [m.req_id for m in monitored], sums / counts
+
+
+def _wrap_sample_tokens(cls) -> None:
+    original = cls.__dict__.get("sample_tokens")
+    if original is None or getattr(original, "_vllm_steer", False):
+        return
+
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        scored = _probe_scores(self)
+        if scored is None:
+            return original(self, *args, **kwargs)
+        req_ids, scores = scored
+        if scores.is_cuda and getattr(self, "use_async_scheduling", False):
+            # Enqueued before the runner's own device-to-host copy, which waits for this stream:
+            # once its output is ready, so is this copy.
+            scores_cpu = scores.to("cpu", non_blocking=True)
+        else:
+            scores_cpu = scores.cpu()
+        output = original(self, *args, **kwargs)
+        get_output = getattr(output, "get_output", None)
+        if get_output is not None and not hasattr(output, "sampled_token_ids"):
+            @functools.wraps(get_output)
+            def get_output_with_scores():
+                result = get_output()
+                setattr(result, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
+                return result
+
+            output.get_output = get_output_with_scores
+        elif output is not None:
+            setattr(output, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
+        return output
+
+    sample_tokens._vllm_steer = True
+    cls.sample_tokens = sample_tokens
 
 
 COLLECT_CAPTURES_RPC = "vllm_steer_collect_captures"
@@ -128,6 +197,7 @@ def install() -> None:
     setattr(WorkerBase, COLLECT_CAPTURES_RPC, collect_captures)
 
     _wrap_load_model(GPUModelRunner)
+    _wrap_sample_tokens(GPUModelRunner)
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except ImportError:
@@ -153,6 +223,10 @@ def install() -> None:
     @functools.wraps(original_update)
     def _update_states(self, scheduler_output, *args, **kwargs):
         planner = getattr(self, PLANNER_ATTR, None)
+        updates = getattr(scheduler_output, FASB_UPDATES_ATTR, None)
+        if planner is not None and updates:
+            for update in updates:
+                planner.apply_update(update, lambda r: _extra_args(self, r))
         if planner is not None and scheduler_output.finished_req_ids:
             planner.forget(scheduler_output.finished_req_ids)
             capturer = getattr(self, CAPTURER_ATTR, None)

@@ -1,0 +1,143 @@
+"""FASB bookkeeping without an engine: when checks fire, what is kept, what the client may see, and
+how the worker-side planner monitors and then steers a request."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_steer.engine.fasb import FasbController
+from vllm_steer.engine.probe_table import ProbeTable
+from vllm_steer.engine.steering_table import RankLayout, SteeringTable
+from vllm_steer.engine.step_planner import StepPlanner
+from vllm_steer.errors import SpecError
+from vllm_steer.pack import ModelShape
+from vllm_steer.pack.synthetic import random_pack
+from vllm_steer.pack_registry import PackRegistry
+from vllm_steer.spec import SteeringSpec, parse_spec
+
+SHAPE = ModelShape(architecture="LlamaForCausalLM", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                   hidden_size=32)
+
+
+def _spec(**kw):
+    return SteeringSpec(pack="p", method="fasb", alpha=10.0, **kw)
+
+
+def test_checks_start_at_min_tokens_or_on_the_final_step():
+    ctl = FasbController()
+    ctl.track("r", _spec(backtrack=3, min_tokens=5), num_prompt_tokens=7)
+    assert ctl.check("r", 0.1, num_generated=4, final=False) is None  # too early
+    assert ctl.check("r", 0.9, num_generated=5, final=False) is None  # score above the threshold
+    fired = ctl.check("r", 0.2, num_generated=6, final=False)
+    assert fired.keep == 3 and fired.update.steer_from == 7 + 3 - 1
+    assert fired.update.strength == pytest.approx(10.0 * 0.8) and not fired.update.monitor
+    assert ctl.check("r", 0.0, num_generated=9, final=True) is None  # max_backtracks = 1
+
+    ctl.track("f", _spec(backtrack=3, min_tokens=50), num_prompt_tokens=4)
+    assert ctl.check("f", 0.1, num_generated=20, final=False) is None
+    assert ctl.check("f", 0.1, num_generated=20, final=True).keep == 17
+
+
+def test_short_generations_restart_from_the_prompt():
+    ctl = FasbController()
+    ctl.track("r", _spec(backtrack=10), num_prompt_tokens=5)
+    fired = ctl.check("r", 0.4, num_generated=10, final=False)
+    assert fired.keep == 0 and fired.update.steer_from == 4  # the last prompt token
+    assert ctl.num_recomputed_tokens == 10
+
+
+def test_commit_horizon_never_releases_what_a_later_check_can_drop():
+    spec = _spec(backtrack=3, min_tokens=1, max_backtracks=2)
+    ctl = FasbController()
+    ctl.track("r", spec, num_prompt_tokens=2)
+    state = ctl.requests["r"]
+    released = []
+    for g in range(1, 8):
+        state.held_tokens.append(g)
+        state.held_logprobs.append(None)
+        n = state.releasable(finished=False)
+        released += state.held_tokens[:n]
+        del state.held_tokens[:n], state.held_logprobs[:n]
+        state.released += n
+        # whatever fires at the next step keeps at least g + 1 - s tokens
+        assert len(released) <= max(0, g + 1 - spec.backtrack)
+    assert released == [1, 2, 3, 4, 5]
+    assert state.releasable(finished=True) == len(state.held_tokens) == 2
+
+
+def test_fasb_spec_fields_and_pack_requirements():
+    spec = parse_spec({"steering_pack": "p", "steering_method": "fasb", "steering_threshold": 0.6,
+                       "steering_backtrack": 4})
+    assert spec.monitored and spec.first_check == 4 and spec.steer_start(9) is None
+    assert _spec(backtrack=0).first_check == 1
+    with pytest.raises(SpecError, match="steering.threshold"):
+        parse_spec({"steering": {"pack": "p", "method": "fasb", "threshold": 1.5}})
+    with pytest.raises(SpecError, match="applies to method 'fasb' only"):
+        parse_spec({"steering": {"pack": "p", "method": "iti", "backtrack": 3}})
+    with pytest.raises(SpecError, match="steering_max_backtracks"):
+        parse_spec({"steering_pack": "p", "steering_method": "fasb", "steering_max_backtracks": -1})
+    registry = PackRegistry(model=SHAPE)
+    registry.add(random_pack(SHAPE, "p", num_heads_selected=3, seed=0))  # no probes
+    with pytest.raises(SpecError, match="needs a pack with ITI heads and probes") as info:
+        registry.resolve(_spec())
+    assert info.value.field == "steering.method"
+
+
+def test_steer_from_spec():
+    assert SteeringSpec(pack="p", steer_from=12).steer_start(40) == 12
+    with pytest.raises(SpecError, match="not both"):
+        parse_spec({"steering": {"pack": "p", "steer_from": 3, "prompt_positions": "all"}})
+    with pytest.raises(SpecError, match="does not apply"):
+        parse_spec({"steering": {"pack": "p", "method": "fasb", "steer_from": 3}})
+
+
+def _planner():
+    registry = PackRegistry(model=SHAPE)
+    registry.add(random_pack(SHAPE, "p", num_heads_selected=5, with_probes=True, seed=0))
+    layout = RankLayout(3, 4, 8, 32)
+    table = SteeringTable(layout, registry.head_layers, [], max_num_tokens=64, max_num_reqs=4, device="cpu")
+    probes = ProbeTable(layout, ProbeTable.layers_of(registry.packs.values()), 64, table.num_slots, "cpu")
+    return StepPlanner(table, registry, probes), registry
+
+
+def test_planner_probes_newest_tokens_then_steers_after_an_update():
+    from vllm_steer.engine.fasb import FasbUpdate
+
+    planner, registry = _planner()
+    specs = {"m": {"pack": "p", "method": "fasb", "alpha": 4.0}, "v": None}
+    args = lambda r: {"steering": specs[r]} if specs.get(r) else None  # noqa: E731
+    # m: full prefill of 5 tokens (samples) ; v: unsteered decode
+    planner.plan_step(["m", "v"], np.array([5, 1]), np.array([0, 9]), np.array([5, 9]), args, np.array([5, 10]))
+    assert planner.table.token_slots[:6].tolist() == [0, 0, 0, 0, 1, 0]
+    assert [(t.req_id, t.row) for t in planner.monitored] == [("m", 4)]
+    assert torch.count_nonzero(planner.table.head_rows[:, 1]) == 0  # monitored, not steered yet
+    # a partial prefill chunk does not sample: nothing to probe
+    planner.plan_step(["m"], np.array([3]), np.array([0]), np.array([5]), args, np.array([5]))
+    assert planner.monitored == [] and planner.table.token_slots[:3].tolist() == [0, 0, 0]
+    # the backtrack: steer from position 6 at strength 2.5, stop monitoring
+    planner.apply_update(FasbUpdate("m", strength=2.5, steer_from=6, monitor=False), args)
+    planner.plan_step(["m"], np.array([3]), np.array([4]), np.array([5]), args, np.array([7]))
+    assert planner.table.token_slots[:3].tolist() == [0, 0, 1] and planner.monitored == []
+    pack = registry.packs["p"]
+    k = 0
+    layer, head = pack.selected_heads[k]
+    row = planner.table.head_rows_of(layer)[1, head * 8:(head + 1) * 8]
+    assert torch.allclose(row, 2.5 * pack.head_sigmas[k] * pack.head_directions[k])
+
+
+def test_probe_table_scores_are_mean_sigmoids_of_the_pack_probes():
+    planner, registry = _planner()
+    pack = registry.packs["p"]
+    probes = planner.probes
+    probes.write_slot(1, pack)
+    acts = torch.randn(len(probes.probe_layers), 4, 4 * 8)  # [L_p, tokens, H*D]
+    # what the fused op writes: per-head dots with the slot's probe rows
+    for j in range(len(probes.probe_layers)):
+        probes.probe_out[j, :4] = (acts[j] * probes.probe_rows[j, 1]).view(4, 4, 8).sum(-1)
+    sums = probes.sigmoid_sums(torch.tensor([2, 3]), [pack, pack])
+    expected = []
+    for t in (2, 3):
+        logits = [float(acts[probes.probe_layers.index(l), t, h * 8:(h + 1) * 8] @ pack.probe_weights[k])
+                  + float(pack.probe_biases[k]) for k, (l, h) in enumerate(pack.selected_heads)]
+        expected.append(float(torch.sigmoid(torch.tensor(logits)).sum()))
+    assert sums.tolist() == pytest.approx(expected, rel=1e-5)

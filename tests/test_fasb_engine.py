@@ -1,0 +1,278 @@
+"""FASB inside the engine: probe scores, backtracking and the commit horizon.
+
+Parity is against ``tests/reference/hf_fasb.py``, an independent HF-transformers implementation of
+FASB's KV-cached semantics that reads the pack straight from its safetensors file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
+from vllm_steer.pack import save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.steer_pack import build_pack
+from vllm_steer.pack.synthetic import random_pack
+
+MAX_NEW = 14
+CONSTANT_P = 0.3  # the crafted probes' mean P(desired) at every token
+
+
+class Case:
+    def __init__(self, path, packs, llm):
+        from transformers import AutoModelForCausalLM
+
+        self.path, self.packs, self.llm = path, packs, llm
+        self.hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.raw = {name: load_file(str(p)) for name, p in packs.items()}
+        self.vocab = self.hf.config.vocab_size
+
+    def reference(self, prompt, spec, max_tokens=MAX_NEW, stop_token=None):
+        from reference.hf_fasb import fasb_generate
+
+        return fasb_generate(
+            self.hf, prompt, self.raw[spec["pack"]], alpha=spec["alpha"],
+            threshold=spec.get("threshold", 0.5), backtrack=spec.get("backtrack", 10),
+            min_tokens=spec.get("min_tokens"), max_backtracks=spec.get("max_backtracks", 1),
+            max_tokens=max_tokens, eos_token_id=stop_token, ignore_eos=stop_token is None,
+        )
+
+
+@pytest.fixture(scope="module")
+def case(tiny_model, tmp_path_factory):
+    path = tiny_model("llama")
+    shape = shape_of_checkpoint(path)
+    folder = tmp_path_factory.mktemp("fasb_packs")
+    probed = random_pack(shape, "probed", num_heads_selected=6, with_probes=True, seed=11, sigma_scale=4.0)
+    tensors = dict(probed.tensors())
+    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
+    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(CONSTANT_P / (1 - CONSTANT_P)))
+    crafted = build_pack(probed.manifest.model_copy(update={"name": "crafted"}), tensors)
+    packs = {"probed": save_pack(folder / "probed.safetensors", probed),
+             "crafted": save_pack(folder / "crafted.safetensors", crafted)}
+    llm = make_llm(path, packs=list(packs.values()), block_size=32)
+    yield Case(path, packs, llm)
+    close_llm(llm)
+
+
+def _prompts(case, n, seed):
+    return [{"prompt_token_ids": p} for p in random_prompts(n, case.vocab, seed=seed, min_len=4, max_len=20)]
+
+
+def test_threshold_that_never_fires_changes_nothing(case):
+    prompts = _prompts(case, 6, seed=1)
+    plain = case.llm.generate(prompts, greedy(MAX_NEW, logprobs=3), use_tqdm=False)
+    fasb = case.llm.generate(
+        prompts, greedy(MAX_NEW, {"pack": "probed", "method": "fasb", "alpha": 9.0, "threshold": 0.0},
+                        logprobs=3), use_tqdm=False)
+    assert token_ids(fasb) == token_ids(plain)
+    for a, b in zip(plain, fasb):
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert {t: l.logprob for t, l in la.items()} == {t: l.logprob for t, l in lb.items()}
+
+
+CRAFTED = [
+    {"backtrack": 3},  # fires at 3 generated tokens, keeps none: restart from the prompt
+    {"backtrack": 2, "min_tokens": 6},  # fires at 6, keeps 4
+    {"backtrack": 0, "min_tokens": 5},  # s = 0: keeps everything, steers from the newest token
+    {"backtrack": 4, "min_tokens": 5, "max_backtracks": 2},  # fires twice
+    {"backtrack": 5, "min_tokens": 100},  # fires only on the step that would finish the request
+    {"backtrack": 3, "min_tokens": 4, "max_backtracks": 0},  # scores only
+]
+
+
+@pytest.mark.parametrize("knobs", CRAFTED, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+def test_crafted_probes_fire_where_the_reference_fires(case, knobs):
+    spec = {"pack": "crafted", "method": "fasb", "alpha": 6.0, "threshold": 0.5, **knobs}
+    prompts = _prompts(case, 4, seed=2)
+    got = token_ids(case.llm.generate(prompts, greedy(MAX_NEW, spec), use_tqdm=False))
+    for prompt, tokens in zip(prompts, got):
+        ref = case.reference(prompt["prompt_token_ids"], spec)
+        assert len(ref.triggers) == min(knobs.get("max_backtracks", 1), 2)
+        assert tokens == ref.tokens
+        assert len(tokens) == MAX_NEW
+
+
+def test_crafted_backtrack_on_a_stop_token_step(case):
+    """The step that samples a stop token is checked too; firing there vetoes the stop."""
+    prompt = _prompts(case, 1, seed=3)[0]
+    plain = token_ids(case.llm.generate([prompt], greedy(MAX_NEW), use_tqdm=False))[0]
+    stop = plain[6]  # a stop token the unsteered run reaches at its 7th token
+    spec = {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 3, "min_tokens": 100}
+    params = greedy(MAX_NEW, spec, stop_token_ids=[stop])
+    params.ignore_eos = False
+    got = token_ids(case.llm.generate([prompt], params, use_tqdm=False))[0]
+    ref = case.reference(prompt["prompt_token_ids"], spec, stop_token=stop)
+    assert ref.triggers and ref.triggers[0]["generated"] == plain.index(stop) + 1
+    assert got == ref.tokens
+
+
+def test_real_probe_scores_fire_like_the_reference(case):
+    """Random (non-constant) probes: whether and where a request fires depends on its tokens."""
+    prompts = _prompts(case, 10, seed=4)
+    spec = {"pack": "probed", "method": "fasb", "alpha": 8.0, "threshold": 0.0, "backtrack": 3, "min_tokens": 3}
+    # The median of each prompt's lowest checked unsteered score splits the prompts.
+    lowest = [min(case.reference(p["prompt_token_ids"], spec).scores[2:]) for p in prompts]
+    spec["threshold"] = float(np.median(lowest))
+    got = token_ids(case.llm.generate(prompts, greedy(MAX_NEW, spec), use_tqdm=False))
+    fired = 0
+    for prompt, tokens in zip(prompts, got):
+        ref = case.reference(prompt["prompt_token_ids"], spec)
+        fired += bool(ref.triggers)
+        assert tokens == ref.tokens
+    assert 0 < fired < len(prompts), f"{fired} of {len(prompts)} fired: pick a threshold that splits them"
+
+
+# -- commit horizon -------------------------------------------------------------------------------
+def _stream(llm, requests, abort_on_first=(), abort_at_step=None):
+    """Drive the engine step by step with DELTA outputs; returns {id: [chunks]}, {id: [logprob
+    counts]}, {id: final output}. ``abort_on_first`` requests are aborted at their first output,
+    ``abort_at_step[id]`` ones after that many engine steps."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    for req_id, prompt, params in requests:
+        params = params.clone()
+        params.output_kind = RequestOutputKind.DELTA
+        engine.add_request(req_id, prompt, params)
+    chunks, logprob_counts, finished, aborted = {}, {}, {}, set()
+    steps = 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        due = [r for r, n in (abort_at_step or {}).items() if n == steps and r not in finished]
+        if due:
+            engine.abort_request(due)
+            aborted.update(due)
+        for out in engine.step():
+            completion = out.outputs[0]
+            chunks.setdefault(out.request_id, []).append(list(completion.token_ids))
+            logprob_counts.setdefault(out.request_id, []).append(len(completion.logprobs or []))
+            if out.finished:
+                finished[out.request_id] = out
+            elif out.request_id in abort_on_first and out.request_id not in aborted:
+                engine.abort_request([out.request_id])
+                aborted.add(out.request_id)
+    return chunks, logprob_counts, finished
+
+
+def test_streamed_tokens_are_never_retracted(case):
+    prompts = _prompts(case, 6, seed=5)
+    specs = [
+        None,
+        {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 4, "min_tokens": 6},  # fires
+        {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 3, "threshold": 0.1},  # never
+        {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
+        {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 20},  # s > max_tokens
+        {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 2, "min_tokens": 99},  # at the end
+    ]
+    requests = [(f"r{i}", p, greedy(MAX_NEW, s, logprobs=2)) for i, (p, s) in enumerate(zip(prompts, specs))]
+    chunks, logprob_counts, finished = _stream(case.llm, requests)
+    offline = case.llm.generate(prompts, [r[2] for r in requests], use_tqdm=False)
+    for (req_id, _, _), spec, final in zip(requests, specs, offline):
+        streamed = [t for c in chunks[req_id] for t in c]
+        assert streamed == list(final.outputs[0].token_ids), req_id
+        assert logprob_counts[req_id] == [len(c) for c in chunks[req_id]]
+        assert finished[req_id].outputs[0].finish_reason == "length"
+    # Held back while checks remain: the never-firing request's last chunk flushes s tokens.
+    assert len(chunks["r2"][-1]) == 3
+    assert all(len(c) <= 1 for c in chunks["r0"])
+
+
+def test_stop_string_on_the_final_sequence(case):
+    """Stop strings are matched on released tokens, i.e. on the final (post-backtrack) sequence."""
+    tokenizer = case.llm.get_tokenizer()
+    prompt = _prompts(case, 1, seed=6)[0]
+    spec = {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 3, "min_tokens": 4}
+    full = case.llm.generate([prompt], greedy(24, spec), use_tqdm=False)[0].outputs[0]
+    text = full.text
+    stop = tokenizer.decode(full.token_ids[10:11]).strip() or tokenizer.decode(full.token_ids[10:12])
+    cut = text.find(stop)
+    assert cut >= 0
+    stopped = case.llm.generate([prompt], greedy(24, spec, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[:cut]
+
+
+def test_prefix_cache_after_a_steered_backtrack_serves_vanilla_kv(case):
+    prompt = random_prompts(1, case.vocab, seed=8, min_len=70, max_len=70)[0]
+    spec = {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 4, "min_tokens": 12}
+    steered = token_ids(case.llm.generate([{"prompt_token_ids": prompt}], greedy(40, spec), use_tqdm=False))[0]
+    steer_from = len(prompt) + 12 - 4 - 1
+    later = prompt + steered[:36]  # an unsteered request over the steered request's whole sequence
+    cached = case.llm.generate([{"prompt_token_ids": later}], greedy(8, logprobs=2), use_tqdm=False)[0]
+    fresh = case.llm.generate([{"prompt_token_ids": later, "cache_salt": "fresh"}], greedy(8, logprobs=2),
+                              use_tqdm=False)[0]
+    assert list(cached.outputs[0].token_ids) == list(fresh.outputs[0].token_ids)
+    for a, b in zip(cached.outputs[0].logprobs, fresh.outputs[0].logprobs):
+        assert {t: l.logprob for t, l in a.items()} == pytest.approx({t: l.logprob for t, l in b.items()}, abs=1e-5)
+    # It did reuse the unsteered prefix, and nothing computed under steering.
+    assert 32 <= cached.num_cached_tokens <= steer_from // 32 * 32
+
+
+# -- load -------------------------------------------------------------------------------------------
+def _kv_usage(llm) -> float:
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:kv_cache_usage_perc")
+
+
+def _counter(llm, name) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def test_mixed_load_with_kv_pressure_leaks_nothing(case):
+    """220 concurrent requests (vanilla, ITI, FASB that backtracks, FASB aborted right after its
+    backtrack, data-dependent FASB) on an engine whose KV cache holds a fraction of them."""
+    small = make_llm(case.path, packs=list(case.packs.values()), block_size=32, num_gpu_blocks_override=14,
+                     disable_log_stats=False)
+    try:
+        small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
+        idle = _kv_usage(small)
+        prompts = _prompts(case, 220, seed=9)
+        kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed"]
+        requests, expected_kind = [], {}
+        for i, prompt in enumerate(prompts):
+            kind = kinds[i % len(kinds)]
+            spec = {
+                "vanilla": None,
+                "iti": {"pack": "probed", "method": "iti", "alpha": 1.0 + i % 7},
+                "fasb": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 1 + i % 6,
+                         "min_tokens": 2 + i % 9},
+                "fasb_abort": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 5, "min_tokens": 5},
+                "fasb_probed": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
+            }[kind]
+            requests.append((f"load{i}", prompt, greedy(24, spec)))
+            expected_kind[f"load{i}"] = kind
+        preemptions_before = _counter(small, "vllm:num_preemptions")
+        aborting = sorted((r for r, k in expected_kind.items() if k == "fasb_abort"), key=lambda r: int(r[4:]))
+        # Half are aborted at their first output (they release nothing before the backtrack, so
+        # that is while they regenerate), half at spread-out engine steps (waiting, preempted,
+        # regenerating).
+        at_first = set(aborting[::2])
+        at_step = {r: 8 + 5 * k for k, r in enumerate(aborting[1::2])}
+        chunks, _, finished = _stream(small, requests, abort_on_first=at_first, abort_at_step=at_step)
+        aborting = set(aborting)
+        survivors = [r for r in requests if r[0] not in aborting]
+        assert set(finished) >= {r[0] for r in survivors}
+        streamed = {r: [t for c in chunks[r] for t in c] for r in chunks}
+        # Every finished request got its full length; every token equals the same request run in a
+        # roomy engine (FASB ones included: the roomy engine's FASB is checked against HF above).
+        roomy = token_ids(case.llm.generate([r[1] for r in survivors], [r[2] for r in survivors], use_tqdm=False))
+        assert [streamed[r[0]] for r in survivors] == roomy
+        bad = [(r[0], len(t), r[2].extra_args) for r, t in zip(survivors, roomy) if len(t) != 24]
+        assert not bad, bad[:5]
+        assert _counter(small, "vllm:num_preemptions") > preemptions_before
+        # The KV cache is small enough that the non-FASB requests alone get preempted.
+        plain = [r for r in survivors if expected_kind[r[0]] in ("vanilla", "iti")]
+        before = _counter(small, "vllm:num_preemptions")
+        again = token_ids(small.generate([r[1] for r in plain], [r[2] for r in plain], use_tqdm=False))
+        assert _counter(small, "vllm:num_preemptions") > before
+        assert again == [streamed[r[0]] for r in plain]
+        # The engine still serves, and every KV block is back.
+        after = small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
+        assert len(after[0].outputs[0].token_ids) == 2
+        assert _kv_usage(small) == pytest.approx(idle, abs=1e-9)
+    finally:
+        close_llm(small)

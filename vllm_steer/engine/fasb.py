@@ -1,0 +1,114 @@
+"""FASB on the scheduler side: when to backtrack, how far, how strongly, and what the client may see.
+
+Pure bookkeeping in our own types; ``integration/scheduler.py`` applies the decisions to vLLM's
+requests and outputs. Semantics (greedy parity with ``tests/reference/hf_fasb.py``):
+
+* Each step that samples a token for a monitored request also returns ``p`` = the mean P(desired)
+  of the pack's K probes at the token that step computed (its newest input token).
+* With ``G`` generated tokens after the step, the step is checked when ``G >= spec.first_check`` or
+  when the step would finish the request (length, EOS, stop token). A check fires when
+  ``p < spec.threshold`` and backtracks remain.
+* Firing keeps ``G - s`` generated tokens (none when ``G <= s``), sets the strength to
+  ``alpha * (1 - p)`` for good, and steers every position from the last kept token on (the last
+  prompt token when nothing is kept): that token is recomputed under steering, so the first
+  regenerated token already feels it.
+* Commit horizon: a monitored request's tokens reach the client only once no later check can
+  retract them (index < G + 1 - s), or when it finishes, or when it can no longer backtrack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_steer.spec import SteeringSpec
+
+
+@dataclass(frozen=True)
+class FasbUpdate:
+    """Scheduler -> workers: how a request is steered after a backtrack."""
+
+    req_id: str
+    strength: float  # what the pack's unit-alpha ITI rows are scaled by: alpha * (1 - p)
+    steer_from: int  # first steered absolute position
+    monitor: bool  # whether the workers keep scoring it
+
+    def cache_key(self, spec: SteeringSpec) -> tuple[str, int]:
+        """The prefix-cache key of KV computed under this steering (see integration/prefix_cache)."""
+        return (f"{spec.cache_key()}|fasb:{self.strength!r}", self.steer_from)
+
+
+@dataclass(frozen=True)
+class Backtrack:
+    keep: int  # generated tokens kept
+    score: float  # the mean P(desired) that fired
+    update: FasbUpdate
+
+
+@dataclass
+class FasbRequest:
+    spec: SteeringSpec
+    num_prompt_tokens: int
+    backtracks: int = 0
+    recomputed_tokens: int = 0  # generated tokens dropped by backtracks
+    released: int = 0  # generated tokens the client has been sent
+    held_tokens: list[int] = field(default_factory=list)
+    held_logprobs: list[Any] = field(default_factory=list)  # one opaque row per held token
+    carried: dict[str, Any] = field(default_factory=dict)  # parts of dropped outputs to send later
+    freed: bool = False
+
+    @property
+    def checking(self) -> bool:
+        return self.backtracks < self.spec.max_backtracks
+
+    def releasable(self, finished: bool) -> int:
+        """How many held tokens may go to the client now."""
+        if finished or not self.checking:
+            return len(self.held_tokens)
+        generated = self.released + len(self.held_tokens)
+        safe = generated + 1 - self.spec.backtrack  # a later check keeps at least this many
+        return max(0, min(len(self.held_tokens), safe - self.released))
+
+    def truncate(self, num_generated: int) -> None:
+        """Forget held tokens past ``num_generated`` (after a backtrack)."""
+        keep = num_generated - self.released
+        if keep < 0:
+            raise AssertionError(
+                f"FASB released {self.released} tokens but a backtrack kept only {num_generated}"
+            )
+        del self.held_tokens[keep:]
+        del self.held_logprobs[keep:]
+
+
+class FasbController:
+    def __init__(self) -> None:
+        self.requests: dict[str, FasbRequest] = {}
+        self.num_backtracks = 0
+        self.num_recomputed_tokens = 0
+
+    def track(self, req_id: str, spec: SteeringSpec, num_prompt_tokens: int) -> None:
+        self.requests[req_id] = FasbRequest(spec, num_prompt_tokens)
+
+    def check(self, req_id: str, score: float, num_generated: int, final: bool) -> Backtrack | None:
+        """The check after a step that left ``num_generated`` tokens and scored ``score``."""
+        state = self.requests.get(req_id)
+        if state is None or not state.checking:
+            return None
+        spec = state.spec
+        if not (final or num_generated >= spec.first_check) or not score < spec.threshold:
+            return None
+        keep = num_generated - spec.backtrack if num_generated > spec.backtrack else 0
+        state.backtracks += 1
+        state.recomputed_tokens += num_generated - keep
+        self.num_backtracks += 1
+        self.num_recomputed_tokens += num_generated - keep
+        update = FasbUpdate(
+            req_id=req_id,
+            strength=spec.alpha * (1.0 - score),
+            steer_from=state.num_prompt_tokens + keep - 1,
+            monitor=state.checking,
+        )
+        return Backtrack(keep=keep, score=score, update=update)
+
+    def forget(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)

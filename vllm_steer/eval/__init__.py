@@ -1,0 +1,1 @@
+"""Evaluation helpers (multiple-choice scoring under steering)."""
