@@ -141,3 +141,18 @@ def test_probe_table_scores_are_mean_sigmoids_of_the_pack_probes():
                   + float(pack.probe_biases[k]) for k, (l, h) in enumerate(pack.selected_heads)]
         expected.append(float(torch.sigmoid(torch.tensor(logits)).sum()))
     assert sums.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_steering_engines_select_the_v1_model_runner(monkeypatch):
+    from vllm_steer.errors import ConfigError
+    from vllm_steer.integration.frontend import V2_RUNNER_ENV, _select_v1_model_runner
+
+    monkeypatch.delenv(V2_RUNNER_ENV, raising=False)
+    _select_v1_model_runner()
+    import os
+
+    assert os.environ[V2_RUNNER_ENV] == "0"
+    monkeypatch.setenv(V2_RUNNER_ENV, "1")
+    with pytest.raises(ConfigError) as info:
+        _select_v1_model_runner()
+    assert info.value.field == V2_RUNNER_ENV

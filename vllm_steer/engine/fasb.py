@@ -7,7 +7,8 @@ requests and outputs. Semantics (greedy parity with ``tests/reference/hf_fasb.py
   of the pack's K probes at the token that step computed (its newest input token).
 * With ``G`` generated tokens after the step, the step is checked when ``G >= spec.first_check`` or
   when the step would finish the request (length, EOS, stop token). A check fires when
-  ``p < spec.threshold`` and backtracks remain.
+  ``p < spec.threshold`` and backtracks remain (and, on a finishing step, when it would drop a
+  token: with ``s = 0`` there is nothing to regenerate).
 * Firing keeps ``G - s`` generated tokens (none when ``G <= s``), sets the strength to
   ``alpha * (1 - p)`` for good, and steers every position from the last kept token on (the last
   prompt token when nothing is kept): that token is recomputed under steering, so the first
@@ -98,6 +99,8 @@ class FasbController:
         if not (final or num_generated >= spec.first_check) or not score < spec.threshold:
             return None
         keep = num_generated - spec.backtrack if num_generated > spec.backtrack else 0
+        if final and keep == num_generated:
+            return None  # s = 0 on the finishing step: nothing would be regenerated
         state.backtracks += 1
         state.recomputed_tokens += num_generated - keep
         self.num_backtracks += 1
