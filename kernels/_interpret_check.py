@@ -40,6 +40,7 @@ class Case:
     extra_slots: int = 0  # token_slots / probe_out longer than T by this much
     tp_size: int = 1  # >1: tables are a column slice (rank tp_rank) of a tp_size-times wider table
     tp_rank: int = 0
+    scaled: bool = False  # pass per-token scales (random, some zero and negative)
     seed: int = 0
 
 
@@ -64,6 +65,8 @@ CASES = [
     Case("all_noop", 8, 4, 64, steered_fraction=0.0, seed=16),
     Case("mixed_mostly_noop", 24, 6, 64, steered_fraction=0.2, seed=17),
     Case("buffers_longer_than_T", 7, 4, 64, extra_slots=9, seed=18),
+    Case("h4_d64_f32_scaled", 12, 4, 64, scaled=True, seed=20),
+    Case("h6_d80_bf16_scaled_noprobe", 10, 6, 80, dtype=torch.bfloat16, probe=False, scaled=True, seed=21),
     Case("buffers_longer_than_T_int32_bf16", 7, 6, 80, dtype=torch.bfloat16,
          slot_dtype=torch.int32, extra_slots=9, seed=19),
 ]
@@ -103,13 +106,18 @@ def run_case(case: Case) -> dict:
     if case.probe:
         probe_out = torch.full((case.num_tokens + case.extra_slots, case.num_heads), _SENTINEL)
 
+    token_scales = None
+    if case.scaled:
+        token_scales = 4 * torch.rand(case.num_tokens + case.extra_slots, generator=gen) - 2
+        token_scales[: case.num_tokens : 3] = 1.0  # some plain, the others in [-2, 2)
+
     ref_attn, kern_attn = attn_out.clone(), attn_out.clone()
     ref_probe = probe_out.clone() if probe_out is not None else None
     kern_probe = probe_out.clone() if probe_out is not None else None
     steer_probe_reference(ref_attn, token_slots, steer_rows, probe_rows, ref_probe,
-                          case.num_heads, case.head_dim)
+                          case.num_heads, case.head_dim, token_scales)
     steer_probe_triton(kern_attn, token_slots, steer_rows, probe_rows, kern_probe,
-                       case.num_heads, case.head_dim)
+                       case.num_heads, case.head_dim, token_scales)
 
     noop = token_slots[:case.num_tokens] == 0
     steered = ~noop
@@ -125,6 +133,7 @@ def run_case(case: Case) -> dict:
         "tp_size": case.tp_size,
         "tp_rank": case.tp_rank,
         "extra_slots": case.extra_slots,
+        "scaled": case.scaled,
         "num_steered": int(steered.sum()),
         "num_noop": int(noop.sum()),
         "attn_max_abs_err": float(attn_err.max()) if attn_err.numel() else 0.0,
@@ -160,6 +169,7 @@ def triton_validation_messages() -> list[str]:
         (attn_out, slots, torch.zeros(3, 6), None, None, 2, 4),  # steer_rows wrong width
         (attn_out, slots, rows, rows, None, 2, 4),  # probe_rows without probe_out
         (attn_out, slots, rows, rows, torch.zeros(4, 2, dtype=torch.float64), 2, 4),  # probe_out dtype
+        (attn_out, slots, rows, None, None, 2, 4, torch.ones(2)),  # token_scales too short
     ]
     messages = []
     for args in bad_calls:

@@ -5,11 +5,12 @@ The op works on one layer's attention output (the input of ``o_proj``), in place
 
     for every token t with slot s = token_slots[t] != 0:
         probe_out[t, h] = sum_d attn_out[t, h*D + d] * probe_rows[s, h*D + d]   # before the add
-        attn_out[t]    += steer_rows[s]                                         # add in float32
+        attn_out[t]    += token_scales[t] * steer_rows[s]                       # add in float32
     for every token t with slot 0:
         attn_out[t] is left alone, probe_out[t, :] = 0
 
-Slot 0 means "this token is not steered". Row 0 of the tables is all zeros by contract, but slot-0
+``token_scales`` is optional (None: every scale is 1); it lets tokens that share a slot be steered
+at different strengths (FASB's per-step strength). Slot 0 means "this token is not steered". Row 0 of the tables is all zeros by contract, but slot-0
 tokens never read it: their ``attn_out`` row is neither read nor written.
 
 The slot values themselves are not range-checked (that would need a device sync on every call);
@@ -51,6 +52,7 @@ def validate_steer_probe_args(
     probe_out: torch.Tensor | None,
     num_heads: int,
     head_dim: int,
+    token_scales: torch.Tensor | None = None,
 ) -> bool:
     """Check the arguments of the steer+probe op; return whether probing is requested.
 
@@ -90,6 +92,21 @@ def validate_steer_probe_args(
         raise ValueError(f"token_slots: must be on {device} like attn_out, got {token_slots.device}")
 
     _check_row_table("steer_rows", steer_rows, width, device)
+
+    if token_scales is not None:
+        if not isinstance(token_scales, torch.Tensor):
+            raise ValueError(f"token_scales: expected a torch.Tensor, got {type(token_scales).__name__}")
+        if token_scales.dim() != 1 or token_scales.dtype != torch.float32:
+            raise ValueError(
+                f"token_scales: expected a 1-D float32 tensor, got shape {list(token_scales.shape)} "
+                f"and dtype {token_scales.dtype}"
+            )
+        if token_scales.shape[0] < num_tokens:
+            raise ValueError(
+                f"token_scales: too short, has {token_scales.shape[0]} entries but attn_out has {num_tokens} tokens"
+            )
+        if token_scales.device != device:
+            raise ValueError(f"token_scales: must be on {device} like attn_out, got {token_scales.device}")
 
     if probe_rows is None:
         if probe_out is not None:
@@ -132,6 +149,7 @@ def steer_probe_reference(
     probe_out: torch.Tensor | None,
     num_heads: int,
     head_dim: int,
+    token_scales: torch.Tensor | None = None,
 ) -> None:
     """Steer (and optionally probe) ``attn_out`` in place with plain torch ops; see the module doc.
 
@@ -139,7 +157,7 @@ def steer_probe_reference(
     as a fallback where Triton is unavailable.
     """
     probing = validate_steer_probe_args(
-        attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim
+        attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim, token_scales
     )
     num_tokens = attn_out.shape[0]
     if num_tokens == 0:
@@ -158,5 +176,8 @@ def steer_probe_reference(
         probe_weights = probe_rows[steered_slots].float()
         per_head = (x * probe_weights).view(-1, num_heads, head_dim).sum(dim=-1)
         probe_out[steered_tokens] = per_head
-    steered = x + steer_rows[steered_slots].float()
+    add = steer_rows[steered_slots].float()
+    if token_scales is not None:
+        add = add * token_scales[steered_tokens].unsqueeze(1)
+    steered = x + add
     attn_out[steered_tokens] = steered.to(attn_out.dtype)

@@ -30,14 +30,17 @@ def _steer_probe_kernel(
     steer_rows_ptr,  # [S, H*D] (row stride may exceed H*D: TP column slice)
     probe_rows_ptr,  # [S, H*D] or a placeholder when not probing
     probe_out_ptr,  # [>= T, H] float32 or a placeholder when not probing
+    token_scales_ptr,  # [>= T] float32, or a placeholder when HAS_SCALES is False
     attn_out_row_stride,
     token_slots_stride,
     steer_row_stride,
     probe_row_stride,
     probe_out_row_stride,
+    token_scales_stride,
     num_heads,
     HEAD_DIM: tl.constexpr,
     COMPUTE_PROBE: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     BLOCK_H: tl.constexpr,  # heads per program
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
 ):
@@ -73,7 +76,10 @@ def _steer_probe_kernel(
         tl.store(probe_out_ptr + token * probe_out_row_stride + heads, per_head, mask=head_mask)
 
     steer = tl.load(steer_rows_ptr + slot * steer_row_stride + columns, mask=tile_mask, other=0.0)
-    steered = x + steer.to(tl.float32)
+    steer = steer.to(tl.float32)
+    if HAS_SCALES:
+        steer = steer * tl.load(token_scales_ptr + token * token_scales_stride)
+    steered = x + steer
     tl.store(attn_out_row + columns, steered.to(attn_out_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -92,13 +98,14 @@ def steer_probe_triton(
     probe_out: torch.Tensor | None,
     num_heads: int,
     head_dim: int,
+    token_scales: torch.Tensor | None = None,
 ) -> None:
     """Steer (and optionally probe) ``attn_out`` in place with one fused Triton launch.
 
     Same arguments and semantics as ``steer_probe_reference``; see ``kernels.steer_probe_reference``.
     """
     probing = validate_steer_probe_args(
-        attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim
+        attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim, token_scales
     )
     if attn_out.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -112,6 +119,8 @@ def steer_probe_triton(
     if not probing:
         # Placeholders: the COMPUTE_PROBE=False variant never dereferences these.
         probe_rows, probe_out = steer_rows, attn_out
+    has_scales = token_scales is not None
+    scales = token_scales if has_scales else token_slots  # placeholder, never dereferenced
 
     block_h, block_d = _tile_shape(num_heads, head_dim)
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
@@ -121,14 +130,17 @@ def steer_probe_triton(
         steer_rows,
         probe_rows,
         probe_out,
+        scales,
         attn_out.stride(0),
         token_slots.stride(0),
         steer_rows.stride(0),
         probe_rows.stride(0),
         probe_out.stride(0),
+        scales.stride(0),
         num_heads,
         HEAD_DIM=head_dim,
         COMPUTE_PROBE=probing,
+        HAS_SCALES=has_scales,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         num_warps=4,

@@ -118,11 +118,38 @@ def test_planner_probes_newest_tokens_then_steers_after_an_update():
     planner.apply_update(FasbUpdate("m", strength=2.5, steer_from=6, monitor=False), args)
     planner.plan_step(["m"], np.array([3]), np.array([4]), np.array([5]), args, np.array([7]))
     assert planner.table.token_slots[:3].tolist() == [0, 0, 1] and planner.monitored == []
+    assert planner.table.token_scales[:4].tolist() == [1.0, 1.0, 2.5, 1.0]
     pack = registry.packs["p"]
     k = 0
     layer, head = pack.selected_heads[k]
     row = planner.table.head_rows_of(layer)[1, head * 8:(head + 1) * 8]
-    assert torch.allclose(row, 2.5 * pack.head_sigmas[k] * pack.head_directions[k])
+    assert torch.allclose(row, pack.head_sigmas[k] * pack.head_directions[k])  # unit alpha; scale 2.5
+    # an unsteered step resets the scales
+    planner.plan_step(["v"], np.array([1]), np.array([9]), np.array([9]), args, np.array([10]))
+    assert planner.table.token_scales[:4].tolist() == [1.0] * 4
+
+
+def test_paper_strength_follows_the_previous_tokens_score():
+    from vllm_steer.engine.fasb import FasbUpdate
+
+    planner, _ = _planner()
+    specs = {"m": {"pack": "p", "method": "fasb", "alpha": 4.0, "threshold": 0.5, "strength": "paper"}}
+    args = lambda r: {"steering": specs[r]}  # noqa: E731
+    planner.plan_step(["m"], np.array([5]), np.array([0]), np.array([5]), args, np.array([5]))
+    planner.apply_update(FasbUpdate("m", strength=3.0, steer_from=6, monitor=True, adaptive=True), args)
+    # resume: recompute positions 5..6 (6 is the last kept token, steered at the trigger strength)
+    planner.plan_step(["m"], np.array([2]), np.array([5]), np.array([5]), args, np.array([7]))
+    assert planner.table.token_slots[:2].tolist() == [0, 1] and planner.table.token_scales[:2].tolist() == [1.0, 3.0]
+    assert [(t.row, t.position) for t in planner.monitored] == [(1, 6)]
+    planner.note_scores(["m"], [6], [0.2])  # below the threshold: position 7 at 4 * 0.8
+    planner.plan_step(["m"], np.array([1]), np.array([7]), np.array([5]), args, np.array([8]))
+    assert planner.table.token_scales[0].item() == pytest.approx(3.2)
+    planner.note_scores(["m"], [7], [0.7])  # at or above it: position 8 unsteered (strength 0)
+    planner.plan_step(["m"], np.array([1]), np.array([8]), np.array([5]), args, np.array([9]))
+    assert planner.table.token_scales[0].item() == 0.0
+    # a re-prefill after preemption replays the history position by position
+    planner.plan_step(["m"], np.array([9]), np.array([0]), np.array([5]), args, np.array([9]))
+    assert planner.table.token_scales[:9].tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 3.0, 3.2, 0.0])
 
 
 def test_probe_table_scores_are_mean_sigmoids_of_the_pack_probes():

@@ -40,6 +40,7 @@ class Case:
             threshold=spec.get("threshold", 0.5), backtrack=spec.get("backtrack", 10),
             min_tokens=spec.get("min_tokens"), max_backtracks=spec.get("max_backtracks", 1),
             max_tokens=max_tokens, eos_token_id=stop_token, ignore_eos=stop_token is None,
+            **({"strength": spec["strength"]} if "strength" in spec else {}),
         )
 
 
@@ -83,6 +84,8 @@ CRAFTED = [
     {"backtrack": 4, "min_tokens": 5, "max_backtracks": 2},  # fires twice
     {"backtrack": 5, "min_tokens": 100},  # fires only on the step that would finish the request
     {"backtrack": 3, "min_tokens": 4, "max_backtracks": 0},  # scores only
+    {"backtrack": 1, "min_tokens": 4},
+    {"backtrack": 3, "min_tokens": 4, "strength": "paper"},  # constant scores: same as "code"
 ]
 
 
@@ -112,10 +115,13 @@ def test_crafted_backtrack_on_a_stop_token_step(case):
     assert got == ref.tokens
 
 
-def test_real_probe_scores_fire_like_the_reference(case):
-    """Random (non-constant) probes: whether and where a request fires depends on its tokens."""
+@pytest.mark.parametrize("rule", ["code", "paper"])
+def test_real_probe_scores_fire_like_the_reference(case, rule):
+    """Random (non-constant) probes: whether and where a request fires depends on its tokens; with
+    strength="paper" each regenerated token's strength also depends on the previous token's score."""
     prompts = _prompts(case, 10, seed=4)
-    spec = {"pack": "probed", "method": "fasb", "alpha": 8.0, "threshold": 0.0, "backtrack": 3, "min_tokens": 3}
+    spec = {"pack": "probed", "method": "fasb", "alpha": 8.0, "threshold": 0.0, "backtrack": 3, "min_tokens": 3,
+            "strength": rule}
     # The median of each prompt's lowest checked unsteered score splits the prompts.
     lowest = [min(case.reference(p["prompt_token_ids"], spec).scores[2:]) for p in prompts]
     spec["threshold"] = float(np.median(lowest))

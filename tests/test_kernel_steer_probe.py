@@ -76,6 +76,7 @@ def test_cases_cover_the_required_shapes(cases):
     assert {True, False} <= seen("probe")
     assert any(r["tp_size"] == 2 and r["tp_rank"] == 1 for r in cases), "no TP rank-1-of-2 slice"
     assert any(r["num_tokens"] == 0 for r in cases), "no empty batch"
+    assert {True, False} <= seen("scaled"), "no case with per-token scales"
     assert any(r["num_tokens"] > 0 and r["num_noop"] == 0 for r in cases), "no all-steered batch"
     assert any(r["num_noop"] >= 2 * r["num_steered"] > 0 for r in cases), "no mostly-no-op batch"
     assert any(r["extra_slots"] > 0 and r["probe"] and r["num_tokens"] > 0 for r in cases), (
@@ -131,7 +132,7 @@ def test_empty_batch_is_a_noop(cases):
 
 def test_triton_wrapper_validates_arguments(interpret_run):
     messages = interpret_run[1]["messages"]
-    expected_names = ["token_slots", "token_slots", "steer_rows", "probe_rows", "probe_out"]
+    expected_names = ["token_slots", "token_slots", "steer_rows", "probe_rows", "probe_out", "token_scales"]
     assert len(messages) == len(expected_names)
     for message, name in zip(messages, expected_names):
         assert message.startswith(f"{name}:"), (name, message)
@@ -149,7 +150,8 @@ def test_package_import_does_not_import_triton():
 # --------------------------------------------------------------------------------------------
 
 
-def _naive_steer_probe(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim):
+def _naive_steer_probe(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim,
+                       token_scales=None):
     """The op written out element by element, straight from its definition."""
     for t in range(attn_out.shape[0]):
         s = int(token_slots[t])
@@ -166,13 +168,16 @@ def _naive_steer_probe(attn_out, token_slots, steer_rows, probe_rows, probe_out,
                     c = h * head_dim + d
                     acc += before[c].float() * probe_rows[s, c].float()
                 probe_out[t, h] = acc
+        scale = float(token_scales[t]) if token_scales is not None else 1.0
         for c in range(num_heads * head_dim):
-            attn_out[t, c] = (before[c].float() + steer_rows[s, c].float()).to(attn_out.dtype)
+            add = steer_rows[s, c].float() * scale if token_scales is not None else steer_rows[s, c].float()
+            attn_out[t, c] = (before[c].float() + add).to(attn_out.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("probe", [True, False])
-def test_reference_matches_definition(dtype, probe):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_reference_matches_definition(dtype, probe, scaled):
     gen = torch.Generator().manual_seed(123)
     num_tokens, num_heads, head_dim, num_slots, tp_size = 7, 3, 5, 4, 2
     width = num_heads * head_dim
@@ -188,11 +193,14 @@ def test_reference_matches_definition(dtype, probe):
     probe_rows = table() if probe else None
     probe_out = torch.full((num_tokens + 3, num_heads), -7.0) if probe else None
 
+    token_scales = torch.tensor([0.5, 3.0, -1.0, 0.0, 2.0, 1.0, -0.25, 4.0, 9.0]) if scaled else None
+
     expected_attn = attn_out.clone()
     expected_probe = probe_out.clone() if probe else None
     _naive_steer_probe(expected_attn, token_slots, steer_rows, probe_rows, expected_probe,
-                       num_heads, head_dim)
-    steer_probe_reference(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim)
+                       num_heads, head_dim, token_scales)
+    steer_probe_reference(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim,
+                          token_scales)
 
     assert torch.equal(attn_out, expected_attn)  # one float32 add, same rounding: bit-exact
     if probe:

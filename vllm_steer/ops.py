@@ -35,14 +35,18 @@ def steer_probe(
     probe_out: torch.Tensor | None,
     num_heads: int,
     head_dim: int,
+    token_scales: torch.Tensor | None = None,
 ) -> None:
-    """In place: ``attn_out[t] += steer_rows[token_slots[t]]``; probe dots into ``probe_out``."""
+    """In place: ``attn_out[t] += token_scales[t] * steer_rows[token_slots[t]]``; probe dots into
+    ``probe_out``."""
+    args = (attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim, token_scales)
     if attn_out.is_cuda:
-        _steer_probe_cuda(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim)
+        _steer_probe_cuda(*args)
     else:
-        steer_probe_reference(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim)
+        steer_probe_reference(*args)
 
 
 @steer_probe.register_fake
-def _steer_probe_fake(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim) -> None:
+def _steer_probe_fake(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim,
+                      token_scales=None) -> None:
     return None

@@ -29,7 +29,8 @@ FLAT_PREFIX = "steering_"
 MAX_ABS_ALPHA = 1e4
 
 SteerMethod = Literal["iti", "residual", "fasb", "off"]
-FASB_FIELDS = ("threshold", "backtrack", "min_tokens", "max_backtracks")
+FASB_FIELDS = ("threshold", "backtrack", "min_tokens", "max_backtracks", "strength")
+StrengthRule = Literal["code", "paper"]
 MAX_BACKTRACK = 1024
 PromptPositions = Literal["last", "all", "none"]
 
@@ -46,8 +47,12 @@ class SteeringSpec(BaseModel):
     pack's probes score every new token, and when the mean P(desired) falls below ``threshold``
     (checked once at least ``min_tokens`` tokens exist, and on the step that would finish the
     request) the last ``backtrack`` generated tokens are dropped and regenerated with ITI steering
-    at strength ``alpha * (1 - p)``, fixed from then on, from the last kept token onwards. At most
-    ``max_backtracks`` times per request (0 = score only).
+    at strength ``alpha * (1 - p)`` from the last kept token onwards. ``strength="code"`` (FASB's
+    released code) keeps that strength fixed; ``strength="paper"`` (the paper's
+    ``r = 1[p_undesired > beta] * p_undesired * alpha``) re-evaluates it every step after the
+    backtrack: each new token is steered at ``alpha * (1 - p)`` of the previous token's score, or not
+    at all when that score is at or above ``threshold``. At most ``max_backtracks`` backtracks per
+    request (0 = score only).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +68,7 @@ class SteeringSpec(BaseModel):
     backtrack: int = Field(default=10, ge=0, le=MAX_BACKTRACK)
     min_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     max_backtracks: int = Field(default=1, ge=0, le=64)
+    strength: StrengthRule = "code"
 
     @field_validator("layers")
     @classmethod

@@ -10,9 +10,10 @@ requests and outputs. Semantics (greedy parity with ``tests/reference/hf_fasb.py
   ``p < spec.threshold`` and backtracks remain (and, on a finishing step, when it would drop a
   token: with ``s = 0`` there is nothing to regenerate).
 * Firing keeps ``G - s`` generated tokens (none when ``G <= s``), sets the strength to
-  ``alpha * (1 - p)`` for good, and steers every position from the last kept token on (the last
-  prompt token when nothing is kept): that token is recomputed under steering, so the first
-  regenerated token already feels it.
+  ``alpha * (1 - p)`` (for good with ``strength="code"``; re-set by the workers every step with
+  ``"paper"``), and steers every position from the last kept token on (the last prompt token when
+  nothing is kept): that token is recomputed under steering, so the first regenerated token already
+  feels it.
 * Commit horizon: a monitored request's tokens reach the client only once no later check can
   retract them (index < G + 1 - s), or when it finishes, or when it can no longer backtrack.
 """
@@ -33,10 +34,14 @@ class FasbUpdate:
     strength: float  # what the pack's unit-alpha ITI rows are scaled by: alpha * (1 - p)
     steer_from: int  # first steered absolute position
     monitor: bool  # whether the workers keep scoring it
+    adaptive: bool = False  # strength="paper": the workers re-set the strength every step
 
     def cache_key(self, spec: SteeringSpec) -> tuple[str, int]:
-        """The prefix-cache key of KV computed under this steering (see integration/prefix_cache)."""
-        return (f"{spec.cache_key()}|fasb:{self.strength!r}", self.steer_from)
+        """The prefix-cache key of KV computed under this steering (see integration/prefix_cache).
+
+        Adaptive strengths depend on the request's own scores: its steered KV is never shared."""
+        own = f"|request:{self.req_id}" if self.adaptive else ""
+        return (f"{spec.cache_key()}|fasb:{self.strength!r}{own}", self.steer_from)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,8 @@ class FasbController:
             req_id=req_id,
             strength=spec.alpha * (1.0 - score),
             steer_from=state.num_prompt_tokens + keep - 1,
-            monitor=state.checking,
+            monitor=state.checking or spec.strength == "paper",
+            adaptive=spec.strength == "paper",
         )
         return Backtrack(keep=keep, score=score, update=update)
 

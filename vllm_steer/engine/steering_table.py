@@ -4,6 +4,8 @@ Layout (S = max running requests + 1; slot 0 is the no-op row and is never writt
 
 * ``token_slots``   [max_tokens] int32 – the slot of each token of the current step (0 = unsteered,
   padding included). Rewritten in place every step.
+* ``token_scales``  [max_tokens] float32 – what each token's head-steering row is multiplied by (1
+  except for FASB, whose strength is per token). Rewritten with ``token_slots``.
 * ``head_rows``     [L_h, S, H_local * D] float32 – what each slot adds to the o_proj input of each
   layer in ``head_layers`` (this rank's heads only, under tensor parallelism).
 * ``residual_rows`` [L_r, S, hidden] float32 – what each slot adds to the residual stream after each
@@ -69,6 +71,7 @@ class SteeringTable:
         self._head_index = {l: j for j, l in enumerate(self.head_layers)}
         self._residual_index = {l: j for j, l in enumerate(self.residual_layers)}
         self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int32, device=self.device)
+        self.token_scales = torch.ones(max_num_tokens, dtype=torch.float32, device=self.device)
         self.head_rows = torch.zeros(
             len(self.head_layers), self.num_slots, layout.local_width, dtype=torch.float32, device=self.device
         )

@@ -6,7 +6,9 @@ host-to-device copy, whatever the number of distinct configs in the batch.
 
 FASB requests (``spec.monitored``) get a slot whose steering rows stay zero until a backtrack: the
 newest token of each step that samples for them carries the slot so the fused op probes it. A
-backtrack arrives as a ``FasbUpdate`` (strength, first steered position) from the scheduler.
+backtrack arrives as a ``FasbUpdate`` (strength, first steered position) from the scheduler; from
+then on the slot holds the unit-alpha ITI rows and each steered token's strength goes into
+``table.token_scales`` (one value for ``strength="code"``, a per-position history for ``"paper"``).
 """
 
 from __future__ import annotations
@@ -40,12 +42,21 @@ class RequestSteering:
     alpha: float  # what the slot's unit-alpha rows are scaled by (0: the rows are zero)
     steer_from: int | None  # first steered position; None: from the spec's prompt_positions
     monitor: bool  # probe the newest token of every sampling step (FASB)
+    strength: float = 1.0  # token scale of every steered token (FASB after a backtrack)
+    # strength="paper": the scale of position steer_from + i, filled as scores arrive
+    strengths: list[float] | None = None
 
     @classmethod
     def initial(cls, spec: SteeringSpec, pack: SteerPack) -> RequestSteering:
         if spec.method == "fasb":
             return cls(spec, pack, alpha=0.0, steer_from=None, monitor=True)
         return cls(spec, pack, alpha=spec.alpha, steer_from=None, monitor=False)
+
+    def scale_at(self, position: int) -> float:
+        if self.strengths is None:
+            return self.strength
+        i = position - self.steer_from
+        return self.strengths[i] if i < len(self.strengths) else self.strengths[-1]
 
     def first_steered(self, num_prompt_tokens: int) -> int:
         if self.alpha == 0.0:
@@ -60,6 +71,7 @@ class RequestSteering:
 class MonitoredToken:
     req_id: str
     row: int  # the token's row in this step's flattened batch
+    position: int  # the token's absolute position
     pack: SteerPack
 
 
@@ -72,6 +84,8 @@ class StepPlanner:
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
         self._host_slots = torch.zeros(table.token_slots.shape[0], dtype=torch.int32)
+        self._host_scales = torch.ones(table.token_scales.shape[0], dtype=torch.float32)
+        self._scaled_tokens = 0  # how many leading entries of token_scales may differ from 1
         self.monitored: list[MonitoredToken] = []  # this step's probed tokens
 
     # -- request lifecycle -------------------------------------------------------------------
@@ -101,8 +115,26 @@ class StepPlanner:
             logger.error("request %s: FASB update for a request this worker does not steer", update.req_id)
             return
         self._requests[update.req_id] = RequestSteering(
-            current.spec, current.pack, alpha=update.strength, steer_from=update.steer_from, monitor=update.monitor
+            current.spec, current.pack, alpha=1.0, steer_from=update.steer_from, monitor=update.monitor,
+            strength=update.strength, strengths=[update.strength] if update.adaptive else None,
         )
+
+    def has_adaptive_strength(self, req_ids: Sequence[str]) -> bool:
+        return any((st := self._requests.get(r)) is not None and st.strengths is not None for r in req_ids)
+
+    def note_scores(self, req_ids: Sequence[str], positions: Sequence[int], scores: Sequence[float]) -> None:
+        """``strength="paper"``: a token's score sets the strength of the next position."""
+        for req_id, position, p in zip(req_ids, positions, scores):
+            steering = self._requests.get(req_id)
+            if steering is None or steering.strengths is None:
+                continue
+            spec = steering.spec
+            i = position + 1 - steering.steer_from
+            if i < 1:
+                continue
+            del steering.strengths[i:]  # a recomputed position overwrites what follows it
+            steering.strengths.extend([steering.strengths[-1]] * (i - len(steering.strengths)))
+            steering.strengths.append(spec.alpha * (1.0 - p) if p < spec.threshold else 0.0)
 
     def forget(self, req_ids: Sequence[str]) -> None:
         for req_id in req_ids:
@@ -132,6 +164,7 @@ class StepPlanner:
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
         probe_rows: list[int] = []
         probe_slots: list[int] = []
+        scaled: list[tuple[int, RequestSteering]] = []  # requests whose tokens carry a scale
         self.monitored = []
         any_slot = False
         first_row = None
@@ -149,6 +182,8 @@ class StepPlanner:
             slot_of_req[i] = slot
             start_of_req[i] = steering.first_steered(int(num_prompt[i]))
             any_slot = True
+            if steering.strengths is not None or steering.strength != 1.0:
+                scaled.append((i, steering))
             if steering.monitor:
                 end = int(num_computed[i]) + int(num_scheduled[i])
                 if num_tokens is None or end >= int(num_tokens[i]):  # this step samples for it
@@ -157,12 +192,13 @@ class StepPlanner:
                     row = int(first_row[i]) + int(num_scheduled[i]) - 1
                     probe_rows.append(row)
                     probe_slots.append(slot)
-                    self.monitored.append(MonitoredToken(req_id, row, steering.pack))
+                    self.monitored.append(MonitoredToken(req_id, row, end - 1, steering.pack))
 
         if not any_slot:
             if self._dirty_tokens:
                 self.table.token_slots[: self._dirty_tokens].zero_()
                 self._dirty_tokens = 0
+            self._write_scales(None, 0)
             return 0
 
         counts = num_scheduled[:num_reqs].astype(np.int64)
@@ -179,4 +215,28 @@ class StepPlanner:
         host[:total] = torch.from_numpy(token_slots.astype(np.int32))
         self.table.token_slots[: host.shape[0]].copy_(host)
         self._dirty_tokens = total
+
+        scales = None
+        if scaled:
+            scales = np.ones(total, dtype=np.float32)
+            for i, steering in scaled:
+                rows = np.nonzero(req_of_token == i)[0]
+                rows = rows[positions[rows] >= start_of_req[i]]
+                if steering.strengths is None:
+                    scales[rows] = steering.strength
+                else:
+                    scales[rows] = [steering.scale_at(int(q)) for q in positions[rows]]
+        self._write_scales(scales, total)
         return int(np.count_nonzero(token_slots))
+
+    def _write_scales(self, scales: np.ndarray | None, total: int) -> None:
+        if scales is None:
+            if self._scaled_tokens:
+                self.table.token_scales[: self._scaled_tokens].fill_(1.0)
+                self._scaled_tokens = 0
+            return
+        host = self._host_scales[: max(total, self._scaled_tokens)]
+        host.fill_(1.0)
+        host[:total] = torch.from_numpy(scales)
+        self.table.token_scales[: host.shape[0]].copy_(host)
+        self._scaled_tokens = total

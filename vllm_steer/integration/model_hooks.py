@@ -33,7 +33,7 @@ def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
 def _steer_o_proj_input(module: nn.Module, args: tuple) -> None:
     torch.ops.vllm_steer.steer_probe(
         args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, None, None,
-        module.vllm_steer_num_heads, module.vllm_steer_head_dim,
+        module.vllm_steer_num_heads, module.vllm_steer_head_dim, module.vllm_steer_token_scales,
     )
 
 
@@ -41,6 +41,7 @@ def _steer_and_probe_o_proj_input(module: nn.Module, args: tuple) -> None:
     torch.ops.vllm_steer.steer_probe(
         args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, module.vllm_steer_probe_rows,
         module.vllm_steer_probe_out, module.vllm_steer_num_heads, module.vllm_steer_head_dim,
+        module.vllm_steer_token_scales,
     )
 
 
@@ -93,6 +94,7 @@ def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int, probe
         o_proj = layers[layer].self_attn.o_proj
         o_proj.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
         o_proj.register_buffer("vllm_steer_rows", table.head_rows_of(layer), persistent=False)
+        o_proj.register_buffer("vllm_steer_token_scales", table.token_scales, persistent=False)
         o_proj.vllm_steer_num_heads = layout.local_heads
         o_proj.vllm_steer_head_dim = layout.head_dim
         if probes is not None and probes.has_layer(layer):

@@ -123,7 +123,7 @@ def _plan_step(runner, scheduler_output) -> None:
 
 
 def _probe_scores(runner):
-    """(req_ids, [M] float32 scores on the device) for this step's monitored tokens, or None."""
+    """(planner, [M] float32 scores on the device) for this step's monitored tokens, or None."""
     planner: StepPlanner | None = getattr(runner, PLANNER_ATTR, None)
     if planner is None or not planner.monitored:
         return None
@@ -137,7 +137,7 @@ def _probe_scores(runner):
 
         sums = tensor_model_parallel_all_reduce(sums)
     counts = torch.tensor([probes.num_probes(p) for p in packs], dtype=torch.float32).to(runner.device)
-    return [m.req_id for m in monitored], sums / counts
+    return planner, sums / counts
 
 
 def _wrap_sample_tokens(cls) -> None:
@@ -150,8 +150,14 @@ def _wrap_sample_tokens(cls) -> None:
         scored = _probe_scores(self)
         if scored is None:
             return original(self, *args, **kwargs)
-        req_ids, scores = scored
-        if scores.is_cuda and getattr(self, "use_async_scheduling", False):
+        planner, scores = scored
+        monitored = planner.monitored
+        req_ids = [m.req_id for m in monitored]
+        if planner.has_adaptive_strength(req_ids):
+            # strength="paper": this step's scores set the next step's strengths, on every rank.
+            scores_cpu = scores.cpu()
+            planner.note_scores(req_ids, [m.position for m in monitored], scores_cpu.tolist())
+        elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
             # Enqueued before the runner's own device-to-host copy, which waits for this stream:
             # once its output is ready, so is this copy.
             scores_cpu = scores.to("cpu", non_blocking=True)
