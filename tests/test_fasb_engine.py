@@ -229,15 +229,16 @@ def _counter(llm, name) -> float:
 
 
 def test_mixed_load_with_kv_pressure_leaks_nothing(case):
-    """220 concurrent requests (vanilla, ITI, FASB that backtracks, FASB aborted right after its
-    backtrack, data-dependent FASB) on an engine whose KV cache holds a fraction of them."""
+    """220 concurrent requests (vanilla, ITI, FASB that backtracks, FASB aborted around its
+    backtrack, data-dependent FASB with fixed and per-step strengths) on an engine whose KV cache
+    holds a fraction of them."""
     small = make_llm(case.path, packs=list(case.packs.values()), block_size=32, num_gpu_blocks_override=14,
                      disable_log_stats=False)
     try:
         small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
         idle = _kv_usage(small)
         prompts = _prompts(case, 220, seed=9)
-        kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed"]
+        kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed", "fasb_paper"]
         requests, expected_kind = [], {}
         for i, prompt in enumerate(prompts):
             kind = kinds[i % len(kinds)]
@@ -248,6 +249,8 @@ def test_mixed_load_with_kv_pressure_leaks_nothing(case):
                          "min_tokens": 2 + i % 9},
                 "fasb_abort": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 5, "min_tokens": 5},
                 "fasb_probed": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
+                "fasb_paper": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3,
+                               "threshold": 0.6, "strength": "paper"},
             }[kind]
             requests.append((f"load{i}", prompt, greedy(24, spec)))
             expected_kind[f"load{i}"] = kind

@@ -260,3 +260,88 @@ def test_pack_file_and_hooks_removed(model, tmp_path):
     assert a == b
     for layer in model.model.layers:
         assert not layer.self_attn.o_proj._forward_pre_hooks
+
+
+# ---- strength="paper": strength re-evaluated every step after the first trigger ----------------------
+
+
+def expected_strengths(trace, alpha, threshold, mode):
+    """trace.strengths rebuilt from the trace's scores: a forward whose successor is not at q + 1 is a
+    trigger (needs backtrack >= 1): the successor, its steer_from, gets alpha * (1 - p) and positions
+    from there are recomputed; after the first trigger, q + 1 gets the trigger's strength ("code") or
+    alpha * (1 - p_q) if p_q < threshold else 0.0 ("paper")."""
+    pos, sc = trace.score_positions, trace.scores
+    out, current, n_triggers = {}, None, 0
+    for i in range(len(pos) - 1):
+        q, p = pos[i], sc[i]
+        if pos[i + 1] != q + 1:
+            n_triggers += 1
+            current = alpha * (1 - p)
+            out = {k: v for k, v in out.items() if k < pos[i + 1]}
+            out[pos[i + 1]] = current
+        elif current is not None:
+            out[q + 1] = current if mode == "code" else (alpha * (1 - p) if p < threshold else 0.0)
+    assert n_triggers == len(trace.triggers)
+    return out
+
+
+# (h) constant score below the threshold: the per-step rule gives the trigger's strength every step
+@pytest.mark.parametrize("max_backtracks", [1, 2])
+def test_paper_constant_score_equals_code(model, max_backtracks):
+    c, alpha = 0.25, 12.0
+    pack = make_pack(model, seed=3, const_p=c)
+    for prompt in PROMPTS[:2]:
+        kw = dict(alpha=alpha, backtrack=3, min_tokens=5, max_tokens=MAX, max_backtracks=max_backtracks)
+        code = fasb_generate(model, prompt, pack, strength="code", **kw)
+        paper = fasb_generate(model, prompt, pack, strength="paper", **kw)
+        assert len(paper.triggers) == max_backtracks
+        assert paper.tokens == code.tokens and paper.triggers == code.triggers
+        assert paper.strengths == code.strengths
+        steer_from = paper.triggers[0]["steer_from"]
+        assert sorted(paper.strengths) == list(range(steer_from, len(prompt) + MAX - 1))
+        assert all(v == pytest.approx(alpha * (1 - c), rel=1e-6) for v in paper.strengths.values())
+    with pytest.raises(ValueError):
+        fasb_generate(model, PROMPTS[0], pack, alpha=1.0, max_tokens=2, strength="nope")
+
+
+# (i) random probes: strengths follow the per-step rule, scores fall on both sides, tokens differ
+@pytest.mark.parametrize("max_backtracks", [1, 2])
+def test_paper_per_step_rule(model, max_backtracks):
+    alpha, thr = 8.0, 0.5
+    pack = make_pack(model, seed=1)
+    kw = dict(alpha=alpha, threshold=thr, backtrack=2, min_tokens=3, max_tokens=MAX, max_backtracks=max_backtracks)
+    off = on = 0
+    differ = False
+    for prompt in PROMPTS:
+        code = fasb_generate(model, prompt, pack, strength="code", **kw)
+        paper = fasb_generate(model, prompt, pack, strength="paper", **kw)
+        assert paper.triggers and code.triggers
+        assert code.strengths == pytest.approx(expected_strengths(code, alpha, thr, "code"))
+        assert paper.strengths == pytest.approx(expected_strengths(paper, alpha, thr, "paper"))
+        assert paper.strengths[paper.triggers[-1]["steer_from"]] == paper.triggers[-1]["strength"]
+        assert len(paper.tokens) == MAX and max(paper.strengths) == len(prompt) + MAX - 2
+        starts = {t["steer_from"] for t in paper.triggers}
+        off += sum(v == 0.0 for v in paper.strengths.values())
+        on += sum(v != 0.0 for q, v in paper.strengths.items() if q not in starts)
+        differ |= paper.tokens != code.tokens
+    assert off > 0 and on > 0  # steps after a trigger with scores above and below the threshold
+    assert differ
+
+
+# (j) paper-mode continuation equals an explicit no-cache forward steered per position
+@pytest.mark.parametrize("max_backtracks", [1, 2])
+def test_paper_continuation_matches_manual(model, max_backtracks):
+    alpha, thr = 8.0, 0.5
+    pack = load_pack(make_pack(model, seed=1))
+    seen = set()
+    for prompt in PROMPTS:
+        trace = fasb_generate(model, prompt, pack, alpha=alpha, threshold=thr, backtrack=2, min_tokens=3,
+                              max_tokens=MAX, max_backtracks=max_backtracks, strength="paper")
+        assert len(trace.triggers) >= 1
+        seen |= set(trace.strengths.values())
+        seq = prompt + trace.tokens
+        logits = manual_logits(model, seq, pack, trace.strengths)
+        P = len(prompt)
+        for i in range(trace.triggers[0]["keep"], MAX):
+            assert int(logits[P + i - 1].argmax()) == trace.tokens[i], (prompt, i)
+    assert 0.0 in seen and len(seen - {0.0}) > 1  # unsteered and differently steered positions checked

@@ -10,7 +10,7 @@ columns ``h*D:(h+1)*D`` of the *input* of layer l's ``self_attn.o_proj`` (D = he
 
 Score of a position: ``p = mean_k sigmoid(w_k . a_k + b_k)``, each ``a_k`` read before this layer's
 steering add (after the adds of earlier layers, if steering is on). Steering adds
-``strength * sigma_k * direction_k`` to head k's slice, with ``strength = alpha * (1 - p_trigger)``.
+``strength(pos) * sigma_k * direction_k`` to head k's slice at each steered position ``pos``.
 
 Decoding loop of :func:`fasb_generate` (P = prompt length, s = ``backtrack``):
 
@@ -29,6 +29,17 @@ Decoding loop of :func:`fasb_generate` (P = prompt length, s = ``backtrack``):
    ``max_tokens`` or end with the EOS that stopped them: then there is nothing left to regenerate.
 4. An unchecked or non-firing step ends generation when ``final``. An EOS that ends generation is
    kept in ``tokens`` (as vLLM reports it).
+
+Strength per position (``strength=``; every position keeps the KV it was computed with, no recompute):
+
+* ``"code"`` (default): every position computed after a trigger is steered with that trigger's
+  strength alpha * (1 - p_trigger).
+* ``"paper"`` (FASB paper, r = 1[p_undesired > beta] * p_undesired * alpha, p_undesired = 1 - p,
+  beta = 1 - threshold, re-evaluated every step): the token fed again at ``steer_from`` gets
+  alpha * (1 - p_trigger), as in "code". Each later forward computes one new position q with the
+  strength assigned to q; its score p_q (read before the adds, as above) sets the strength of q + 1:
+  alpha * (1 - p_q) if p_q < threshold else 0.0. A further check that fires (max_backtracks > 1) is a
+  normal trigger (new steer_from at alpha * (1 - p)), and the rule goes on from there.
 """
 
 from __future__ import annotations
@@ -49,12 +60,16 @@ class FasbTrace:
     ``tokens``: the final generated tokens. ``scores[i]``: the score of the i-th forward (one per
     forward, checked or not), taken at absolute position ``score_positions[i]``. ``triggers``: one
     dict per backtrack with ``generated`` (G when it fired), ``score``, ``strength`` (alpha * (1 - p)),
-    ``keep`` and ``steer_from``."""
+    ``keep`` and ``steer_from``. ``strengths``: {absolute position: strength it was last computed
+    with} for every steered position of the final sequence (positions < the first steer_from are
+    absent; a later trigger overwrites the positions it recomputes; 0.0 = computed unsteered after a
+    trigger, "paper" mode only)."""
 
     tokens: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     score_positions: list[int] = field(default_factory=list)
     triggers: list[dict] = field(default_factory=list)
+    strengths: dict[int, float] = field(default_factory=dict)
 
 
 def load_pack(pack) -> dict[str, torch.Tensor]:
@@ -85,8 +100,10 @@ def _fasb_hooks(model, pack, state):
 
     ``state`` (mutated by the caller between forwards):
       ``offset``     absolute position of the forward's first input token,
-      ``strength``   steering strength (0 = off),
+      ``strengths``  {absolute position: strength} when not None (absent positions: unsteered); else
+      ``strength``   one steering strength (0 = off) for every position >= ``steer_from``,
       ``steer_from`` first steered absolute position (None = none steered).
+    Each position gets ``strength_of(position) * sigma_k * direction_k`` (see :func:`_strength_of`).
     The hooks fill ``state["probs"][k]`` with head k's P(desired) at every position of the forward
     (read before this layer's add)."""
     D = _head_dim(model)
@@ -106,18 +123,19 @@ def _fasb_hooks(model, pack, state):
                 w = pack["probes.weight"][k].to(a.device)
                 b = pack["probes.bias"][k].to(a.device)
                 state["probs"][k] = torch.sigmoid(a @ w + b)
-            if not state["strength"] or state["steer_from"] is None:
-                return None
             T = x.shape[1]
-            positions = torch.arange(state["offset"], state["offset"] + T, device=x.device)
-            mask = positions >= state["steer_from"]
-            if not bool(mask.any()):
+            strengths = [_strength_of(state, state["offset"] + t) for t in range(T)]
+            if not any(strengths):
                 return None
+            r = torch.tensor(strengths, dtype=torch.float32, device=x.device)
+            mask = r != 0
             x = x.clone()
             for k in ks:
                 cols = slice(heads[k] * D, (heads[k] + 1) * D)
-                vec = state["strength"] * pack["heads.sigma"][k] * pack["heads.direction"][k]
-                x[:, mask, cols] = x[:, mask, cols] + vec.to(x.device, x.dtype)
+                sigma = pack["heads.sigma"][k].to(x.device)
+                direction = pack["heads.direction"][k].to(x.device)
+                add = (r[mask, None] * sigma) * direction[None, :]  # [T_steered, D]
+                x[:, mask, cols] = x[:, mask, cols] + add.to(x.dtype)
             return (x,) + tuple(args[1:])
 
         return hook
@@ -133,7 +151,16 @@ def _fasb_hooks(model, pack, state):
 
 
 def _new_state() -> dict:
-    return {"offset": 0, "strength": 0.0, "steer_from": None, "probs": {}}
+    return {"offset": 0, "strength": 0.0, "steer_from": None, "strengths": None, "probs": {}}
+
+
+def _strength_of(state, pos: int) -> float:
+    """The steering strength of absolute position ``pos`` (0.0 = unsteered)."""
+    if state.get("strengths") is not None:
+        return float(state["strengths"].get(pos, 0.0))
+    if not state["strength"] or state["steer_from"] is None or pos < state["steer_from"]:
+        return 0.0
+    return float(state["strength"])
 
 
 def _mean_probs(state, K: int) -> torch.Tensor:
@@ -158,9 +185,16 @@ def _truncate_cache(cache, n: int):
 
 @torch.no_grad()
 def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10, min_tokens=None,
-                  max_backtracks=1, max_tokens, eos_token_id=None, ignore_eos=True) -> FasbTrace:
-    """FASB greedy decoding with a KV cache (semantics in the module docstring)."""
+                  max_backtracks=1, max_tokens, eos_token_id=None, ignore_eos=True,
+                  strength="code") -> FasbTrace:
+    """FASB greedy decoding with a KV cache (semantics in the module docstring).
+
+    ``strength``: "code" (one strength per trigger) or "paper" (re-evaluated every step)."""
     from transformers import DynamicCache
+
+    if strength not in ("code", "paper"):
+        raise ValueError(f"strength must be 'code' or 'paper', got {strength!r}")
+    mode = strength  # the name ``strength`` is reused below for a trigger's value
 
     pack = load_pack(pack)
     K = int(pack["heads.layer"].numel())
@@ -175,6 +209,8 @@ def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10
 
     trace = FasbTrace()
     state = _new_state()
+    state["strengths"] = trace.strengths  # filled before each forward for the positions it computes
+    trigger_strength = None  # strength of the trigger in force (None before the first)
     cache = DynamicCache()
     feed = prompt
     count = 0
@@ -205,12 +241,22 @@ def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10
                 if keep >= max_tokens or (stop_on_eos and keep > 0 and trace.tokens[-1] == eos_token_id):
                     break  # s == 0 edge: nothing left to regenerate
                 state["strength"], state["steer_from"] = strength, steer_from
+                trigger_strength = strength
+                for pos in [q for q in trace.strengths if q >= steer_from]:
+                    del trace.strengths[pos]  # recomputed below (and overwritten)
+                trace.strengths[steer_from] = strength
                 cache = _truncate_cache(cache, steer_from)
                 state["offset"] = steer_from
                 feed = [(prompt + trace.tokens)[steer_from]]
                 continue
             if final:
                 break
+            if trigger_strength is not None:  # strength of the next position, state["offset"]
+                if mode == "code":
+                    nxt = trigger_strength
+                else:
+                    nxt = alpha * (1.0 - p) if p < threshold else 0.0
+                trace.strengths[state["offset"]] = nxt
             feed = [token]
     return trace
 
