@@ -50,3 +50,29 @@ def steer_probe(
 def _steer_probe_fake(attn_out, token_slots, steer_rows, probe_rows, probe_out, num_heads, head_dim,
                       token_scales=None) -> None:
     return None
+
+
+@torch.library.custom_op("vllm_steer::l2s_predict", mutates_args=("out_rows",))
+def l2s_predict(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    out_rows: torch.Tensor,
+) -> None:
+    """L2S in the prefill step: for each i with ``slots[i] != 0``,
+    ``out_rows[slots[i]] = w_out @ tanh(w_in @ x + b_in)`` with ``x = hidden[rows[i]] + residual[rows[i]]``
+    (the residual stream after the layer). Fixed shapes, no host sync: inactive entries (slot 0)
+    rewrite row 0 with its own value."""
+    x = hidden[rows].float() + residual[rows].float()
+    y = torch.tanh(x @ w_in.t() + b_in) @ w_out.t()
+    active = (slots != 0).unsqueeze(1)
+    out_rows.index_copy_(0, slots, torch.where(active, y, out_rows[slots]))
+
+
+@l2s_predict.register_fake
+def _l2s_predict_fake(hidden, residual, rows, slots, w_in, b_in, w_out, out_rows) -> None:
+    return None

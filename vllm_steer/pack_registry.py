@@ -38,7 +38,14 @@ class PackRegistry:
 
     @property
     def residual_layers(self) -> list[int]:
-        return sorted({l for p in self.packs.values() for l in p.residual_layers.tolist()})
+        """Layers where some pack adds to the residual stream (residual vectors, L2S, Mean-S)."""
+        layers = {l for p in self.packs.values() for l in p.residual_layers.tolist()}
+        layers |= {p.manifest.l2s.steer_layer for p in self.l2s_packs}
+        return sorted(layers)
+
+    @property
+    def l2s_packs(self) -> list[SteerPack]:
+        return [p for p in self.packs.values() if p.manifest.l2s is not None]
 
     def resolve(self, spec: SteeringSpec) -> SteerPack | None:
         """Check ``spec`` against the loaded packs; returns its pack (None for method 'off')."""
@@ -62,6 +69,8 @@ class PackRegistry:
                 f"(it offers {pack.manifest.methods})",
                 field="steering.method",
             )
+        if spec.method in ("l2s", "mean_s"):
+            return pack
         method_layers = set(
             pack.head_layers.tolist() if spec.method in ("iti", "fasb") else pack.residual_layers.tolist()
         )

@@ -28,7 +28,7 @@ SPEC_KEY = "steering"
 FLAT_PREFIX = "steering_"
 MAX_ABS_ALPHA = 1e4
 
-SteerMethod = Literal["iti", "residual", "fasb", "off"]
+SteerMethod = Literal["iti", "residual", "fasb", "l2s", "mean_s", "off"]
 FASB_FIELDS = ("threshold", "backtrack", "min_tokens", "max_backtracks", "strength")
 StrengthRule = Literal["code", "paper"]
 MAX_BACKTRACK = 1024
@@ -98,6 +98,16 @@ class SteeringSpec(BaseModel):
             raise ValueError(f"method {self.method!r} needs a pack")
         if self.heads is not None and self.method not in ("iti", "fasb"):
             raise ValueError("heads selects ITI heads; it needs method 'iti' or 'fasb'")
+        if self.method == "l2s":
+            if self.prompt_positions == "all" or self.steer_from is not None:
+                raise ValueError(
+                    "l2s steers from the last prompt token ('last') or generated tokens only ('none'): its "
+                    "vector is known only once the whole prompt went through layer L'"
+                )
+            if self.layers is not None:
+                raise ValueError("layers does not apply to method 'l2s' (the pack names its layer)")
+        if self.method == "mean_s" and self.layers is not None:
+            raise ValueError("layers does not apply to method 'mean_s' (the pack names its layer)")
         if self.steer_from is not None:
             if self.method == "fasb":
                 raise ValueError("steer_from does not apply to method 'fasb' (it steers from its backtrack)")

@@ -128,6 +128,9 @@ class SteeringTable:
             for i, layer in enumerate(pack.residual_layers.tolist()):
                 if wanted_layers is None or layer in wanted_layers:
                     residual[self._residual_index[layer]] = pack.residual_vectors[i]
+        elif method == "mean_s":
+            residual[self._residual_index[pack.manifest.l2s.steer_layer]] = pack.l2s_mean
+        # l2s: zero rows; the predictor writes the request's own row during its prefill
         rows = (
             head[:, layout.local_columns].contiguous().to(self.device),
             residual.to(self.device),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vllm_steer.engine.fasb import FasbUpdate
+from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.errors import SteeringError
@@ -50,6 +51,8 @@ class RequestSteering:
     def initial(cls, spec: SteeringSpec, pack: SteerPack) -> RequestSteering:
         if spec.method == "fasb":
             return cls(spec, pack, alpha=0.0, steer_from=None, monitor=True)
+        if spec.method == "l2s":  # the slot row is the predicted vector; alpha is the token scale
+            return cls(spec, pack, alpha=1.0, steer_from=None, monitor=False, strength=spec.alpha)
         return cls(spec, pack, alpha=spec.alpha, steer_from=None, monitor=False)
 
     def scale_at(self, position: int) -> float:
@@ -76,10 +79,21 @@ class MonitoredToken:
 
 
 class StepPlanner:
-    def __init__(self, table: SteeringTable, registry: PackRegistry, probes: ProbeTable | None = None) -> None:
+    def __init__(
+        self,
+        table: SteeringTable,
+        registry: PackRegistry,
+        probes: ProbeTable | None = None,
+        predictors: dict[str, L2SPredictor] | None = None,
+    ) -> None:
         self.table = table
         self.registry = registry
         self.probes = probes
+        self.predictors = predictors or {}
+        self._l2s_vectors: dict[str, torch.Tensor] = {}  # req_id -> its predicted row (unit alpha)
+        self._l2s_pending: list[tuple[str, int, L2SPredictor]] = []  # predicted in the last step
+        self.l2s_predictions = 0  # predictor runs, over the engine's life
+        self.l2s_repeats = 0  # runs for a request that already had its vector (must stay 0)
         self._requests: dict[str, RequestSteering | None] = {}
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
@@ -139,6 +153,7 @@ class StepPlanner:
     def forget(self, req_ids: Sequence[str]) -> None:
         for req_id in req_ids:
             self._requests.pop(req_id, None)
+            self._l2s_vectors.pop(req_id, None)
 
     @property
     def num_tracked_requests(self) -> int:
@@ -158,8 +173,10 @@ class StepPlanner:
 
         ``num_tokens`` (each request's known length) tells which requests sample this step; only
         needed when some request is monitored."""
+        self._stash_l2s_vectors()
         num_reqs = len(req_ids)
         total = int(num_scheduled[:num_reqs].sum())
+        l2s_entries: dict[str, list[tuple[int, int]]] = {name: [] for name in self.predictors}
         slot_of_req = np.zeros(num_reqs, dtype=np.int32)
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
         probe_rows: list[int] = []
@@ -178,9 +195,27 @@ class StepPlanner:
                 self.table.write_slot(slot, steering.spec, steering.pack, alpha=steering.alpha)
                 if steering.monitor:
                     self.probes.write_slot(slot, steering.pack)
+                vector = self._l2s_vectors.get(req_id)
+                if vector is not None:
+                    self.predictors[steering.pack.name].out_rows[slot].copy_(vector)
                 self._slot_owner[slot] = (req_id, steering)
             slot_of_req[i] = slot
             start_of_req[i] = steering.first_steered(int(num_prompt[i]))
+            if steering.spec.method == "l2s":
+                predictor = self.predictors[steering.pack.name]
+                last_prompt = int(num_prompt[i]) - 1
+                if not predictor.same_pass:  # the vector arrives after layer L*: generated tokens only
+                    start_of_req[i] = max(start_of_req[i], last_prompt + 1)
+                computed = int(num_computed[i])
+                if computed <= last_prompt < computed + int(num_scheduled[i]):
+                    if req_id in self._l2s_vectors:
+                        pass  # resumed or backtracked: its vector is already in its slot
+                    else:
+                        if first_row is None:
+                            first_row = np.cumsum(num_scheduled[:num_reqs]) - num_scheduled[:num_reqs]
+                        l2s_entries[steering.pack.name].append((int(first_row[i]) + last_prompt - computed, slot))
+                        self._l2s_pending.append((req_id, slot, predictor))
+                        self.l2s_predictions += 1
             any_slot = True
             if steering.strengths is not None or steering.strength != 1.0:
                 scaled.append((i, steering))
@@ -194,6 +229,8 @@ class StepPlanner:
                     probe_slots.append(slot)
                     self.monitored.append(MonitoredToken(req_id, row, end - 1, steering.pack))
 
+        for name, predictor in self.predictors.items():
+            predictor.set_step(l2s_entries[name])
         if not any_slot:
             if self._dirty_tokens:
                 self.table.token_slots[: self._dirty_tokens].zero_()
@@ -228,6 +265,16 @@ class StepPlanner:
                     scales[rows] = [steering.scale_at(int(q)) for q in positions[rows]]
         self._write_scales(scales, total)
         return int(np.count_nonzero(token_slots))
+
+    def _stash_l2s_vectors(self) -> None:
+        """Keep the vectors predicted in the last forward, so a request that moves to another slot
+        (preemption, resume) takes its vector along and is never predicted twice."""
+        for req_id, slot, predictor in self._l2s_pending:
+            if req_id in self._requests:
+                if req_id in self._l2s_vectors:
+                    self.l2s_repeats += 1
+                self._l2s_vectors[req_id] = predictor.out_rows[slot].clone()
+        self._l2s_pending = []
 
     def _write_scales(self, scales: np.ndarray | None, total: int) -> None:
         if scales is None:

@@ -14,6 +14,7 @@ from torch import nn
 
 import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.steer_probe)
 from vllm_steer.engine.activation_capture import ActivationCapturer
+from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 
@@ -49,9 +50,49 @@ def _steer_layer_output(module: nn.Module, args: tuple, output):
     hidden = output[0] if isinstance(output, tuple) else output
     torch.ops.vllm_steer.steer_probe(
         hidden, module.vllm_steer_token_slots, module.vllm_steer_residual_rows, None, None,
-        1, hidden.shape[-1],
+        1, hidden.shape[-1], module.vllm_steer_token_scales,
     )
     return output
+
+
+def _stream_parts(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM decoder layers return (hidden_states, residual); the residual stream is their sum."""
+    if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
+        return output[0], output[1]
+    hidden = output[0] if isinstance(output, tuple) else output
+    return hidden, torch.zeros_like(hidden)
+
+
+def _l2s_predict_after_layer(module: nn.Module, args: tuple, output):
+    hidden, residual = _stream_parts(output)
+    for prefix in module.vllm_steer_l2s_prefixes:
+        torch.ops.vllm_steer.l2s_predict(
+            hidden, residual, getattr(module, prefix + "rows"), getattr(module, prefix + "slots"),
+            getattr(module, prefix + "w_in"), getattr(module, prefix + "b_in"), getattr(module, prefix + "w_out"),
+            getattr(module, prefix + "out_rows"),
+        )
+    return output
+
+
+def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], num_layers: int) -> list:
+    """The L2S predictors after their read layers. Install before ``install_hooks`` so a predictor
+    reads the stream before any residual steering added at the same layer."""
+    layers = checked_decoder_layers(model, num_layers)
+    handles = []
+    by_layer: dict[int, list[L2SPredictor]] = {}
+    for predictor in predictors:
+        by_layer.setdefault(predictor.read_layer, []).append(predictor)
+    for layer, group in by_layer.items():
+        block = layers[layer]
+        prefixes = []
+        for i, predictor in enumerate(group):
+            prefix = f"vllm_steer_l2s{i}_"
+            for name in ("rows", "slots", "w_in", "b_in", "w_out", "out_rows"):
+                block.register_buffer(prefix + name, getattr(predictor, name), persistent=False)
+            prefixes.append(prefix)
+        block.vllm_steer_l2s_prefixes = tuple(prefixes)
+        handles.append(block.register_forward_hook(_l2s_predict_after_layer))
+    return handles
 
 
 def checked_decoder_layers(model: nn.Module, num_layers: int) -> dict[int, nn.Module]:
@@ -73,11 +114,8 @@ def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, num_la
             capturer.record("heads", layer, args[0])
 
         def read_stream(module, args, output, layer=index):
-            # vLLM decoder layers return (hidden_states, residual); the stream is their sum.
-            if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
-                capturer.record("residual", layer, output[0] + output[1])
-            else:
-                capturer.record("residual", layer, output[0] if isinstance(output, tuple) else output)
+            hidden, residual = _stream_parts(output)
+            capturer.record("residual", layer, hidden + residual)
 
         handles.append(block.self_attn.o_proj.register_forward_pre_hook(read_heads))
         handles.append(block.register_forward_hook(read_stream))
@@ -107,5 +145,6 @@ def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int, probe
         block = layers[layer]
         block.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
         block.register_buffer("vllm_steer_residual_rows", table.residual_rows_of(layer), persistent=False)
+        block.register_buffer("vllm_steer_token_scales", table.token_scales, persistent=False)
         handles.append(block.register_forward_hook(_steer_layer_output))
     return handles

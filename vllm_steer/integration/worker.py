@@ -22,10 +22,11 @@ from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.activation_capture import ActivationCapturer, parse_capture
+from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
-from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks
+from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks, install_l2s_hooks
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
 from vllm_steer.pack_registry import PackRegistry
 
@@ -62,8 +63,19 @@ def _attach(runner) -> None:
         ProbeTable(layout, probe_layers, runner.max_num_tokens, table.num_slots, runner.device)
         if probe_layers else None
     )
+    predictors = {
+        pack.name: L2SPredictor(pack, table, runner.max_num_reqs, runner.device) for pack in registry.l2s_packs
+    }
+    for predictor in predictors.values():
+        if not predictor.same_pass:
+            logger.info(
+                "vllm-steer: pack %s reads L2S at layer %d and steers at layer %d: the vector exists only "
+                "after the prefill, so it steers generated tokens only",
+                predictor.pack_name, predictor.read_layer, predictor.steer_layer,
+            )
+    install_l2s_hooks(runner.get_model(), list(predictors.values()), shape.num_layers)
     install_hooks(runner.get_model(), table, shape.num_layers, probes)
-    setattr(runner, PLANNER_ATTR, StepPlanner(table, registry, probes))
+    setattr(runner, PLANNER_ATTR, StepPlanner(table, registry, probes, predictors))
     if config.capture:
         capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
         install_capture_hooks(runner.get_model(), capturer, shape.num_layers)
@@ -182,6 +194,15 @@ def _wrap_sample_tokens(cls) -> None:
 
 
 COLLECT_CAPTURES_RPC = "vllm_steer_collect_captures"
+STATS_RPC = "vllm_steer_stats"
+
+
+def steering_stats(worker) -> dict:
+    """A worker method (``LLM.collective_rpc(STATS_RPC)``): counters of this rank's planner."""
+    planner: StepPlanner | None = getattr(worker.model_runner, PLANNER_ATTR, None)
+    if planner is None:
+        return {}
+    return {"l2s_predictions": planner.l2s_predictions, "l2s_repeats": planner.l2s_repeats}
 
 
 def collect_captures(worker, keys: list[str]) -> dict:
@@ -201,6 +222,7 @@ def install() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
     setattr(WorkerBase, COLLECT_CAPTURES_RPC, collect_captures)
+    setattr(WorkerBase, STATS_RPC, steering_stats)
 
     _wrap_load_model(GPUModelRunner)
     _wrap_sample_tokens(GPUModelRunner)

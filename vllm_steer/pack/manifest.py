@@ -13,7 +13,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 PACK_FORMAT_VERSION = 1
 MANIFEST_METADATA_KEY = "vllm_steer.manifest"
 
-Method = Literal["iti", "residual"]
+Method = Literal["iti", "residual", "l2s", "mean_s"]
+
+
+class L2SInfo(BaseModel):
+    """Where a pack's learn-to-steer predictor reads and writes (L2S, methods.md).
+
+    The predictor ``g(x) = W_out tanh(W_in x + b_in)`` reads the residual stream after decoder layer
+    ``read_layer`` (L') at the last prompt token; ``alpha * g(x)`` is added to the residual stream
+    after decoder layer ``steer_layer`` (L*). Mean-S adds ``alpha * mean`` there instead."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_layer: int = Field(ge=0)
+    steer_layer: int = Field(ge=0)
+    width: int = Field(gt=0, description="K, the predictor's hidden width")
 
 
 class ModelShape(BaseModel):
@@ -49,6 +63,7 @@ class PackManifest(BaseModel):
     num_heads_selected: int = Field(ge=0, description="K, the number of (layer, head) pairs steered")
     residual_layers: list[int] = Field(default_factory=list)
     has_probes: bool = False
+    l2s: L2SInfo | None = None
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="free-form record: dataset, split, seed, accuracies..."
     )

@@ -13,6 +13,10 @@ name                   shape        meaning
 ``residual.vector``    [R, hidden]  residual (mean-difference) vector per layer
 ``probes.weight``      [K, D]       linear probe per selected head (optional)
 ``probes.bias``        [K]          probe bias (optional)
+``l2s.w_in``           [W, hidden]  L2S predictor, first layer (with manifest.l2s)
+``l2s.b_in``           [W]          its bias
+``l2s.w_out``          [hidden, W]  second layer (no bias)
+``l2s.mean``           [hidden]     Mean-S: the mean of the L2S training targets
 =====================  ===========  ====================================================
 
 Only safetensors is ever read: no pickle, no torch.load.
@@ -39,7 +43,8 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _HEAD_TENSORS = ("heads.layer", "heads.head", "heads.direction", "heads.sigma")
 _RESIDUAL_TENSORS = ("residual.layer", "residual.vector")
 _PROBE_TENSORS = ("probes.weight", "probes.bias")
-_KNOWN_TENSORS = set(_HEAD_TENSORS + _RESIDUAL_TENSORS + _PROBE_TENSORS)
+_L2S_TENSORS = ("l2s.w_in", "l2s.b_in", "l2s.w_out", "l2s.mean")
+_KNOWN_TENSORS = set(_HEAD_TENSORS + _RESIDUAL_TENSORS + _PROBE_TENSORS + _L2S_TENSORS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class SteerPack:
     residual_vectors: torch.Tensor
     probe_weights: torch.Tensor | None = None
     probe_biases: torch.Tensor | None = None
+    l2s_w_in: torch.Tensor | None = None
+    l2s_b_in: torch.Tensor | None = None
+    l2s_w_out: torch.Tensor | None = None
+    l2s_mean: torch.Tensor | None = None
     source: Path | None = None
 
     @property
@@ -87,6 +96,9 @@ class SteerPack:
         if self.probe_weights is not None:
             out["probes.weight"] = self.probe_weights
             out["probes.bias"] = self.probe_biases
+        if self.l2s_w_in is not None:
+            out.update({"l2s.w_in": self.l2s_w_in, "l2s.b_in": self.l2s_b_in, "l2s.w_out": self.l2s_w_out,
+                        "l2s.mean": self.l2s_mean})
         return out
 
 
@@ -176,6 +188,24 @@ def build_pack(
         expect_shape("probes.weight", probe_w, (k, shape.head_dim))
         expect_shape("probes.bias", probe_b, (k,))
 
+    l2s = manifest.l2s
+    if l2s is None:
+        if any(n in tensors for n in _L2S_TENSORS):
+            raise fail("l2s.* tensors need manifest.l2s", field="l2s")
+        l2s_tensors = (None, None, None, None)
+    else:
+        for name in ("read_layer", "steer_layer"):
+            if getattr(l2s, name) >= shape.num_layers:
+                raise fail(f"l2s.{name} {getattr(l2s, name)} is not a layer of the model "
+                           f"(it has {shape.num_layers})", field=f"l2s.{name}")
+        l2s_tensors = tuple(get(n, "float") for n in _L2S_TENSORS)
+        for name, t, want in zip(_L2S_TENSORS, l2s_tensors, (
+            (l2s.width, shape.hidden_size), (l2s.width,), (shape.hidden_size, l2s.width), (shape.hidden_size,)
+        )):
+            expect_shape(name, t, want)
+    if ("l2s" in manifest.methods or "mean_s" in manifest.methods) and l2s is None:
+        raise fail("methods 'l2s' and 'mean_s' need manifest.l2s and the l2s.* tensors", field="methods")
+
     if "iti" in manifest.methods and k == 0:
         raise fail("method 'iti' needs at least one selected head", field="methods")
     if "residual" in manifest.methods and r == 0:
@@ -191,6 +221,10 @@ def build_pack(
         residual_vectors=res_vectors,
         probe_weights=probe_w,
         probe_biases=probe_b,
+        l2s_w_in=l2s_tensors[0],
+        l2s_b_in=l2s_tensors[1],
+        l2s_w_out=l2s_tensors[2],
+        l2s_mean=l2s_tensors[3],
         source=source,
     )
 

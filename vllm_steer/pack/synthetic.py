@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from vllm_steer.pack.manifest import ModelShape, PackManifest
+from vllm_steer.pack.manifest import L2SInfo, ModelShape, PackManifest
 from vllm_steer.pack.steer_pack import SteerPack, build_pack
 
 
@@ -22,8 +22,10 @@ def random_pack(
     with_probes: bool = False,
     sigma_scale: float = 1.0,
     residual_scale: float = 1.0,
+    l2s: tuple[int, int, int] | None = None,
     seed: int = 0,
 ) -> SteerPack:
+    """``l2s=(read_layer, steer_layer, width)`` adds a random L2S predictor and Mean-S vector."""
     gen = torch.Generator().manual_seed(seed)
     total = shape.num_layers * shape.num_heads
     if not 0 <= num_heads_selected <= total:
@@ -43,6 +45,16 @@ def random_pack(
         tensors["probes.weight"] = torch.randn(num_heads_selected, shape.head_dim, generator=gen)
         tensors["probes.bias"] = torch.randn(num_heads_selected, generator=gen)
     methods = (["iti"] if num_heads_selected else []) + (["residual"] if residual_layers else [])
+    l2s_info = None
+    if l2s is not None:
+        read_layer, steer_layer, width = l2s
+        l2s_info = L2SInfo(read_layer=read_layer, steer_layer=steer_layer, width=width)
+        d = shape.hidden_size
+        tensors["l2s.w_in"] = torch.randn(width, d, generator=gen) / d**0.5
+        tensors["l2s.b_in"] = 0.1 * torch.randn(width, generator=gen)
+        tensors["l2s.w_out"] = residual_scale * torch.randn(d, width, generator=gen) / width**0.5
+        tensors["l2s.mean"] = residual_scale * torch.randn(d, generator=gen)
+        methods += ["l2s", "mean_s"]
     manifest = PackManifest(
         name=name,
         model=shape,
@@ -50,6 +62,7 @@ def random_pack(
         num_heads_selected=num_heads_selected,
         residual_layers=list(residual_layers),
         has_probes=with_probes,
+        l2s=l2s_info,
         metadata={"source": "random", "seed": seed},
     )
     return build_pack(manifest, tensors)

@@ -1,0 +1,207 @@
+"""Throughput of FASB-monitored generation vs vanilla vLLM, measured in one run on one model.
+
+Same model and setup as ``throughput.py`` (random-weight Llama shape, ``load_format="dummy"``,
+token-id prompts, greedy, ``ignore_eos``). Rows:
+
+  vanilla       an engine whose processes load no plugin at all (VLLM_PLUGINS=none)
+  fasb_idle     the plugin on, every request FASB-monitored with threshold 0.0: the probes score
+                every token but a check can never fire (P >= 0), so this is the pure monitoring cost
+  fasb_trigger  the plugin on, every request FASB-monitored; a chosen fraction of them
+                (``--fire-fraction``) gets threshold 0.5, the rest 0.0
+
+The pack is crafted: K random heads and directions, probes with weight 0 and bias logit(P) so
+every token scores exactly P (default 0.3). A request with threshold 0.5 therefore fires at its
+first check, i.e. when G = min(min_tokens, max_tokens) tokens are generated, drops
+min(backtrack, G) tokens and regenerates them steered at alpha * (1 - P) (one backtrack at most).
+
+Tokens/s counts delivered tokens only (the tokens the client receives: num_requests x max_tokens);
+the regenerated tokens are work on top. Their share is computed from the FASB spec, not measured:
+recomputed = n_fired * min(backtrack, G_fire), fraction = recomputed / delivered. The run also
+checks, against the fasb_idle outputs (the same engine, unsteered tokens), that non-firing requests
+are untouched and that firing requests keep exactly their first G_fire - backtrack tokens.
+
+Rounds are interleaved (vanilla, fasb_idle, fasb_trigger, vanilla, ...); medians are reported.
+
+    python benchmarks/fasb_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def crafted_pack(shape, name: str, k: int, p: float, seed: int = 0):
+    """A pack with K random ITI heads whose probes score every token at exactly ``p``."""
+    import torch
+
+    from vllm_steer.pack.steer_pack import build_pack
+    from vllm_steer.pack.synthetic import random_pack
+
+    base = random_pack(shape, name, num_heads_selected=k, with_probes=True, seed=seed)
+    tensors = dict(base.tensors())
+    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
+    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(p / (1.0 - p)))
+    return build_pack(base.manifest, tensors)
+
+
+def fires(i: int, fraction: float) -> bool:
+    """Whether request ``i`` gets the firing threshold: spreads round(fraction * n) over the batch."""
+    return math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate-size", type=int, default=1408)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--selected-heads", type=int, default=16, help="K: probed and steered heads")
+    parser.add_argument("--constant-p", type=float, default=0.3, help="the crafted probes' P(desired)")
+    parser.add_argument("--alpha", type=float, default=15.0)
+    parser.add_argument("--backtrack", type=int, default=8, help="s: tokens dropped when a check fires")
+    parser.add_argument("--min-tokens", type=int, default=16, help="first check at this many tokens")
+    parser.add_argument("--fire-fraction", type=float, default=0.25,
+                        help="share of fasb_trigger requests given threshold 0.5 (they all fire)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not 0.0 <= args.fire_fraction <= 1.0:
+        parser.error("--fire-fraction must be in [0, 1]")
+    if not args.constant_p < 0.5:
+        parser.error("--constant-p must be below the firing threshold 0.5")
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM, SamplingParams
+
+    from vllm_steer.models.tiny_checkpoint import write_config_only
+    from vllm_steer.pack import save_pack
+    from vllm_steer.pack.hf_shape import shape_of_checkpoint
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="vllm-steer-fasb-bench-"))
+    model = write_config_only(
+        work / "model", "llama", hidden_size=args.hidden_size, num_layers=args.layers,
+        num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size,
+    )
+    shape = shape_of_checkpoint(model)
+    pack = save_pack(work / "fasb.safetensors", crafted_pack(shape, "fasb", args.selected_heads, args.constant_p))
+
+    common = dict(
+        model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
+        max_model_len=args.prompt_len + args.max_tokens + 8, max_num_seqs=args.num_requests,
+        max_num_batched_tokens=max(2048, args.num_requests * 2), seed=0, enforce_eager=args.enforce_eager,
+    )
+    # The plugin engine first: the front-end process loads plugins once, at its first engine.
+    steer_llm = LLM(**common, additional_config={"steering": {"packs": [str(pack)]}})
+    os.environ["VLLM_PLUGINS"] = "none"  # engine processes spawned from now on load no plugin
+    vanilla_llm = LLM(**common)
+    del os.environ["VLLM_PLUGINS"]
+
+    import random
+
+    rng = random.Random(0)
+    n = args.num_requests
+    prompts = [
+        {"prompt_token_ids": [rng.randrange(10, args.vocab_size) for _ in range(args.prompt_len)]}
+        for _ in range(n)
+    ]
+
+    def params(spec=None):
+        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                              extra_args={"steering": spec} if spec else None)
+
+    def fasb(threshold: float) -> dict:
+        return {"pack": "fasb", "method": "fasb", "alpha": args.alpha, "threshold": threshold,
+                "backtrack": args.backtrack, "min_tokens": args.min_tokens, "max_backtracks": 1}
+
+    firing = [fires(i, args.fire_fraction) for i in range(n)]
+    rows = {
+        "vanilla": (vanilla_llm, [params()] * n),
+        "fasb_idle": (steer_llm, [params(fasb(0.0))] * n),
+        "fasb_trigger": (steer_llm, [params(fasb(0.5 if f else 0.0)) for f in firing]),
+    }
+
+    for llm, p in rows.values():  # warm-up (compiles, and exercises a backtrack once)
+        llm.generate(prompts[:8], p[:8], use_tqdm=False)
+
+    rates: dict[str, list[float]] = {k: [] for k in rows}
+    last_tokens: dict[str, list[list[int]]] = {}
+    for r in range(args.rounds):
+        for name, (llm, p) in rows.items():
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, p, use_tqdm=False)
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
+            last_tokens[name] = [list(o.outputs[0].token_ids) for o in outs]
+            rates[name].append(tokens / elapsed)
+            print(f"round {r} {name:12s} {tokens / elapsed:10.1f} tok/s ({elapsed:.1f} s)", flush=True)
+
+    # What the spec implies (constant probes): every firing request fires once, at G_fire.
+    g_fire = min(args.min_tokens, args.max_tokens)
+    per_fire = min(args.backtrack, g_fire)
+    keep = g_fire - per_fire
+    n_fired = sum(firing)
+    delivered = n * args.max_tokens
+    recomputed = n_fired * per_fire
+
+    # Checks against the unsteered tokens (fasb_idle's, same engine).
+    idle, trig = last_tokens["fasb_idle"], last_tokens["fasb_trigger"]
+    untouched_ok = all(idle[i] == trig[i] for i in range(n) if not firing[i])
+    prefix_ok = all(idle[i][:keep] == trig[i][:keep] for i in range(n) if firing[i])
+    diverged = sum(idle[i][keep:] != trig[i][keep:] for i in range(n) if firing[i])
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "args": vars(args),
+        "tokens_per_s": med,
+        "ratio_to_vanilla": {k: med[k] / med["vanilla"] for k in rows},
+        "fired_requests": n_fired,
+        "g_at_fire": g_fire,
+        "recomputed_tokens_per_fire": per_fire,
+        "recomputed_tokens": recomputed,
+        "delivered_tokens": delivered,
+        "recomputed_fraction": recomputed / delivered,
+        "non_firing_requests_untouched": untouched_ok,
+        "firing_requests_keep_prefix": prefix_ok,
+        "firing_requests_diverging_after_prefix": diverged,
+        "all_rounds": rates,
+        "seconds": time.perf_counter() - t_start,
+    }
+    print(f"\nFASB: alpha {args.alpha:g}, backtrack s={args.backtrack}, min_tokens {args.min_tokens}, K={args.selected_heads}"
+          f" constant-P probes (P={args.constant_p:g}); {n} requests x {args.prompt_len} prompt + {args.max_tokens}"
+          f" generated tokens, greedy")
+    print(f"fasb_trigger: {n_fired}/{n} requests fire (threshold 0.5), each at G={g_fire}, keeping {keep} and "
+          f"regenerating {per_fire} tokens -> recomputed {recomputed} / delivered {delivered} = "
+          f"{recomputed / delivered:.4f} (from the spec: n_fired * min(s, G_fire) / (n * max_tokens))")
+    print(f"checks vs unsteered tokens: non-firing requests identical: {untouched_ok}; firing requests keep "
+          f"their first {keep} tokens: {prefix_ok}; firing requests whose regenerated tokens differ: "
+          f"{diverged}/{n_fired}")
+    print("\n| row | delivered tokens/s (median) | ratio to vanilla |\n|---|---|---|")
+    for k in rows:
+        print(f"| {k} | {med[k]:.1f} | {med[k] / med['vanilla']:.3f} |")
+    print("\nper round: " + "; ".join(f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in rates.items()))
+    print(f"({result['seconds']:.0f} s in all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Independent reference for L2S (learn to steer) and Mean-S, in plain HF transformers with hooks.
+
+Written from the method's description (design/methods.md, L2S section); shares no code with
+``vllm_steer``. Greedy, batch 1, KV cache, the prompt in one forward.
+
+* The residual stream after decoder layer l is that layer's output (HF ``hidden_states[l + 1]``).
+* L2S: ``v = W_out tanh(W_in x + b_in)``, x = the stream after ``read_layer`` at the last prompt
+  token, computed once in the prompt's forward. Mean-S: ``v = mean`` from the start.
+* ``alpha * v`` is added to the stream after ``steer_layer`` at every position >= ``start``:
+  ``start = P - 1`` (the last prompt token, "last") or ``P`` (generated tokens only, "none"). When
+  ``read_layer >= steer_layer`` the vector does not exist yet when the prompt passes ``steer_layer``,
+  so L2S then steers generated tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def l2s_generate(model, prompt_ids, pack, *, method, alpha, read_layer, steer_layer, max_new_tokens,
+                 prompt_positions="last"):
+    P = len(prompt_ids)
+    start = P - 1 if prompt_positions == "last" else P
+    if method == "l2s" and read_layer >= steer_layer:
+        start = P
+    state = {"offset": 0, "vector": pack["l2s.mean"].float() if method == "mean_s" else None, "reads": 0}
+    layers = model.model.layers
+
+    def stream_of(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def read_hook(module, args, output):
+        if method != "l2s" or state["vector"] is not None:
+            return None
+        hidden = stream_of(output)
+        t = P - 1 - state["offset"]
+        if 0 <= t < hidden.shape[1]:
+            x = hidden[0, t].float()
+            state["vector"] = pack["l2s.w_out"].float() @ torch.tanh(pack["l2s.w_in"].float() @ x + pack["l2s.b_in"].float())
+            state["reads"] += 1
+        return None
+
+    def steer_hook(module, args, output):
+        if state["vector"] is None:
+            return None
+        hidden = stream_of(output).clone()
+        positions = torch.arange(state["offset"], state["offset"] + hidden.shape[1])
+        mask = positions >= start
+        hidden[:, mask] = hidden[:, mask] + alpha * state["vector"].to(hidden.dtype)
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    # The read hook is registered first: with read_layer == steer_layer it reads the unsteered stream.
+    handles = [layers[read_layer].register_forward_hook(read_hook),
+               layers[steer_layer].register_forward_hook(steer_hook)]
+    out: list[int] = []
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([[int(t) for t in prompt_ids]])
+            past = None
+            for _ in range(max_new_tokens):
+                result = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                state["offset"] += ids.shape[1]
+                token = int(result.logits[0, -1].argmax())
+                out.append(token)
+                ids = torch.tensor([[token]])
+    finally:
+        for h in handles:
+            h.remove()
+    return out, state["reads"]
