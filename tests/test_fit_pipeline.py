@@ -173,3 +173,26 @@ def test_cli_reports_bad_data_with_exit_code_2(model, tmp_path):
          "--out", str(tmp_path / "p.safetensors")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_fit_l2s_writes_a_pack_with_predictor_and_mean_s(model, engine, tmp_path):
+    from vllm_steer.fit.l2s import L2STrainOptions
+    from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q: is {i} even? A:", "positive": " yes" if i % 2 == 0 else " no",
+             "negative": " no" if i % 2 == 0 else " yes"} for i in range(24)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "l2s.safetensors"
+    record = fit_l2s_pack(str(model), data, out, L2SFitOptions(
+        name="l2s", read_layer=1, steer_layer=2, target="average", progress=False, max_model_len=512,
+        train=L2STrainOptions(width=8, epochs=5, seed=3)), llm=engine)
+    pack = load_pack(out, model=shape_of_checkpoint(model))
+    assert pack.manifest.methods == ["l2s", "mean_s"] and pack.manifest.l2s.read_layer == 1
+    assert pack.l2s_w_in.shape == (8, pack.manifest.model.hidden_size)
+    assert record["num_prompts"] == 24 and record["num_train"] + record["num_val"] == 24
+    assert pack.manifest.metadata["l2s"]["target"] == "average"
+    with pytest.raises(SteeringError, match="read_layer"):
+        fit_l2s_pack(str(model), data, tmp_path / "x.safetensors",
+                     L2SFitOptions(name="x", read_layer=99, steer_layer=1), llm=engine)
+    assert not (tmp_path / "x.safetensors").exists()

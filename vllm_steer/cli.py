@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["fit", "l2s"]:
+        return _run_fit_l2s(argv[2:])
     parser = argparse.ArgumentParser(prog="vllm-steer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -15,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", default="runs/demo", help="where the model and pack are written")
     demo.add_argument("--max-tokens", type=int, default=24)
 
-    fit = sub.add_parser("fit", help="fit a steer pack (probes, top-K heads, directions, sigma) through vLLM")
+    fit = sub.add_parser("fit", help="fit a steer pack (probes, top-K heads, directions, sigma) through vLLM; "
+                                     "'vllm-steer fit l2s --help' fits an L2S predictor")
     fit.add_argument("--model", required=True, help="HF checkpoint folder")
     fit.add_argument("--data", required=True,
                      help="TruthfulQA (mc_task.json, TruthfulQA.csv or their folder) or a JSONL of pairs")
@@ -71,6 +75,45 @@ def _run_fit(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.to_json())
+    return 0
+
+
+def _run_fit_l2s(argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.fit.l2s import L2STrainOptions
+    from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
+
+    parser = argparse.ArgumentParser(prog="vllm-steer fit l2s",
+                                     description="fit an L2S predictor and Mean-S through vLLM")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="JSONL pairs/labelled rows or TruthfulQA")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--name")
+    parser.add_argument("--read-layer", type=int, required=True, help="L': the predictor's input layer")
+    parser.add_argument("--steer-layer", type=int, required=True, help="L*: where the vector is added")
+    parser.add_argument("--target", choices=["last", "average"], default="last")
+    parser.add_argument("--width", type=int, default=100)
+    parser.add_argument("--loss", choices=["reference", "mse"], default="reference")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    options = L2SFitOptions(
+        name=args.name or Path(args.out).stem, read_layer=args.read_layer, steer_layer=args.steer_layer,
+        target=args.target, max_model_len=args.max_model_len, llm_kwargs={"dtype": args.dtype},
+        train=L2STrainOptions(width=args.width, loss=args.loss, lr=args.lr, epochs=args.epochs, seed=args.seed),
+    )
+    try:
+        record = fit_l2s_pack(args.model, args.data, args.out, options)
+    except SteeringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2, default=str))
     return 0
 
 

@@ -1,0 +1,117 @@
+"""``vllm-steer fit l2s``: capture L2S inputs and targets through vLLM, train the predictor, write a pack.
+
+For each prompt X of the dataset (JSONL pairs or labelled rows, TruthfulQA; see ``fit.datasets``):
+
+* input  ``x_X``: the residual stream after layer L' (``read_layer``) at X's last token;
+* target ``z_X = h+ - h-``: the stream after layer L* (``steer_layer``) for X completed with its
+  desired minus its undesired continuations (means over them when there are several), at the last
+  token (``target="last"``) or averaged over the continuation's tokens (``target="average"``).
+
+The pack holds the predictor (``l2s.*``), Mean-S (the mean training target) and the training
+record; it offers methods ``l2s`` and ``mean_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vllm_steer.errors import SteeringError
+from vllm_steer.fit.capture import CaptureItem, capture_activations, capture_engine
+from vllm_steer.fit.datasets import check_lengths, load_dataset
+from vllm_steer.fit.l2s import L2STrainOptions, train_l2s
+from vllm_steer.pack import PackManifest, build_pack, save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.manifest import L2SInfo
+
+
+@dataclass(frozen=True)
+class L2SFitOptions:
+    name: str
+    read_layer: int
+    steer_layer: int
+    target: Literal["last", "average"] = "last"
+    train: L2STrainOptions = L2STrainOptions()
+    max_model_len: int = 1024
+    batch_size: int = 128
+    progress: bool = True
+    llm_kwargs: dict = field(default_factory=dict)
+
+
+def fit_l2s_pack(model: str, dataset: str | Path, out: str | Path, options: L2SFitOptions, llm=None) -> dict:
+    """Fit and write an L2S pack; returns the training record. Nothing is written on failure."""
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SteeringError(f"the output pack path must end in .safetensors: {out}", field="out")
+    shape = shape_of_checkpoint(model)
+    for name in ("read_layer", "steer_layer"):
+        if not 0 <= getattr(options, name) < shape.num_layers:
+            raise SteeringError(f"{name} must be in [0, {shape.num_layers}), got {getattr(options, name)}",
+                                field=name)
+    examples = load_dataset(dataset)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    check_lengths(examples, tokenizer, options.max_model_len)
+
+    prompts: dict[tuple[str, str], dict[int, list]] = {}
+    for ex in examples:
+        prompts.setdefault((ex.group, ex.prompt), {0: [], 1: []})[ex.label].append(ex.completion)
+    usable = [(key, sides) for key, sides in prompts.items() if sides[0] and sides[1]]
+    if len(usable) < 4:
+        raise SteeringError(
+            f"L2S needs at least 4 prompts with both a desired and an undesired continuation, found {len(usable)}",
+            field="data",
+        )
+
+    prompt_items, completion_items, owners = [], [], []
+    for j, ((_, prompt), sides) in enumerate(usable):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        prompt_items.append(CaptureItem(tuple(prompt_ids), positions=(len(prompt_ids) - 1,), mean_from=None))
+        for label in (1, 0):
+            for completion in sides[label]:
+                full = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+                start = min(len(prompt_ids), len(full) - 1)
+                completion_items.append(CaptureItem(tuple(full), positions=(len(full) - 1,), mean_from=start))
+                owners.append((j, label))
+
+    own_engine = llm is None
+    if own_engine:
+        llm = capture_engine(model, max_model_len=options.max_model_len, **options.llm_kwargs)
+    try:
+        at_prompt = capture_activations(llm, prompt_items, shape, batch_size=options.batch_size,
+                                        progress=options.progress)
+        at_completion = capture_activations(llm, completion_items, shape, batch_size=options.batch_size,
+                                            progress=options.progress)
+    finally:
+        if own_engine:
+            del llm
+
+    x = at_prompt.residual_at[:, 0, options.read_layer]
+    stream = (at_completion.residual_at[:, 0] if options.target == "last" else at_completion.residual_mean)
+    stream = stream[:, options.steer_layer]
+    sums = torch.zeros(len(usable), 2, shape.hidden_size)
+    counts = torch.zeros(len(usable), 2)
+    for row, (j, label) in enumerate(owners):
+        sums[j, label] += stream[row]
+        counts[j, label] += 1
+    means = sums / counts.unsqueeze(-1)
+    z = means[:, 1] - means[:, 0]
+
+    fit = train_l2s(x, z, options.train)
+    record = fit.record | {"target": options.target, "num_prompts": len(usable), "seconds": round(time.time() - t0, 1)}
+    manifest = PackManifest(
+        name=options.name, model=shape, methods=["l2s", "mean_s"], num_heads_selected=0,
+        l2s=L2SInfo(read_layer=options.read_layer, steer_layer=options.steer_layer, width=fit.w_in.shape[0]),
+        metadata={"source": "vllm-steer fit l2s", "dataset": str(dataset), "l2s": record},
+    )
+    pack = build_pack(manifest, {"l2s.w_in": fit.w_in, "l2s.b_in": fit.b_in, "l2s.w_out": fit.w_out,
+                                 "l2s.mean": fit.mean})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_pack(out, pack)
+    return record
