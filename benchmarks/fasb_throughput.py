@@ -4,6 +4,8 @@ Same model and setup as ``throughput.py`` (random-weight Llama shape, ``load_for
 token-id prompts, greedy, ``ignore_eos``). Rows:
 
   vanilla       an engine whose processes load no plugin at all (VLLM_PLUGINS=none)
+  plugin_idle   the plugin on (pack loaded, probes hooked), requests without a steering spec: the
+                plugin's own cost, to tell it apart from the monitoring cost below
   fasb_idle     the plugin on, every request FASB-monitored with threshold 0.0: the probes score
                 every token but a check can never fire (P >= 0), so this is the pure monitoring cost
   fasb_trigger  the plugin on, every request FASB-monitored; a chosen fraction of them
@@ -20,7 +22,9 @@ recomputed = n_fired * min(backtrack, G_fire), fraction = recomputed / delivered
 checks, against the fasb_idle outputs (the same engine, unsteered tokens), that non-firing requests
 are untouched and that firing requests keep exactly their first G_fire - backtrack tokens.
 
-Rounds are interleaved (vanilla, fasb_idle, fasb_trigger, vanilla, ...); medians are reported.
+Rounds are interleaved, and each round starts one row later than the previous one (round 0: vanilla,
+plugin_idle, fasb_idle, fasb_trigger; round 1: plugin_idle, ..., vanilla; ...), so drifts of the
+shared machine hit every row alike; medians over rounds are reported.
 
     python benchmarks/fasb_throughput.py
 """
@@ -59,10 +63,10 @@ def fires(i: int, fraction: float) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
@@ -133,6 +137,7 @@ def main() -> None:
     firing = [fires(i, args.fire_fraction) for i in range(n)]
     rows = {
         "vanilla": (vanilla_llm, [params()] * n),
+        "plugin_idle": (steer_llm, [params()] * n),
         "fasb_idle": (steer_llm, [params(fasb(0.0))] * n),
         "fasb_trigger": (steer_llm, [params(fasb(0.5 if f else 0.0)) for f in firing]),
     }
@@ -142,8 +147,10 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {k: [] for k in rows}
     last_tokens: dict[str, list[list[int]]] = {}
+    names = list(rows)
     for r in range(args.rounds):
-        for name, (llm, p) in rows.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:  # each round starts one row later
+            llm, p = rows[name]
             t0 = time.perf_counter()
             outs = llm.generate(prompts, p, use_tqdm=False)
             elapsed = time.perf_counter() - t0
