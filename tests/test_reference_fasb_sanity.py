@@ -18,14 +18,6 @@ from reference.hf_fasb import fasb_generate, fasb_mc_logprob, load_pack, probe_s
 MAX = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model):
     from transformers import AutoModelForCausalLM
