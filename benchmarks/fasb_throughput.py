@@ -36,10 +36,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from bench_engines import (
+    add_model_args, build_model, engine_kwargs, interleaved_rounds, median_of, steering_and_vanilla_engines,
+    token_prompts,
+)
 
 
 def crafted_pack(shape, name: str, k: int, p: float, seed: int = 0):
@@ -67,12 +71,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=1408)
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    add_model_args(parser)
     parser.add_argument("--selected-heads", type=int, default=16, help="K: probed and steered heads")
     parser.add_argument("--constant-p", type=float, default=0.3, help="the crafted probes' P(desired)")
     parser.add_argument("--alpha", type=float, default=15.0)
@@ -80,8 +79,6 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=16, help="first check at this many tokens")
     parser.add_argument("--fire-fraction", type=float, default=0.25,
                         help="share of fasb_trigger requests given threshold 0.5 (they all fire)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not 0.0 <= args.fire_fraction <= 1.0:
@@ -90,41 +87,18 @@ def main() -> None:
         parser.error("--constant-p must be below the firing threshold 0.5")
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_steer.models.tiny_checkpoint import write_config_only
     from vllm_steer.pack import save_pack
-    from vllm_steer.pack.hf_shape import shape_of_checkpoint
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="vllm-steer-fasb-bench-"))
-    model = write_config_only(
-        work / "model", "llama", hidden_size=args.hidden_size, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
-        vocab_size=args.vocab_size,
-    )
-    shape = shape_of_checkpoint(model)
+    model, shape = build_model(args, work)
     pack = save_pack(work / "fasb.safetensors", crafted_pack(shape, "fasb", args.selected_heads, args.constant_p))
-
-    common = dict(
-        model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
-        max_model_len=args.prompt_len + args.max_tokens + 8, max_num_seqs=args.num_requests,
-        max_num_batched_tokens=max(2048, args.num_requests * 2), seed=0, enforce_eager=args.enforce_eager,
-    )
-    # The plugin engine first: the front-end process loads plugins once, at its first engine.
-    steer_llm = LLM(**common, additional_config={"steering": {"packs": [str(pack)]}})
-    os.environ["VLLM_PLUGINS"] = "none"  # engine processes spawned from now on load no plugin
-    vanilla_llm = LLM(**common)
-    del os.environ["VLLM_PLUGINS"]
-
-    import random
-
-    rng = random.Random(0)
+    common = engine_kwargs(args, model, args.prompt_len + args.max_tokens + 8, args.num_requests)
+    steer_llm, vanilla_llm = steering_and_vanilla_engines(common, [pack])
     n = args.num_requests
-    prompts = [
-        {"prompt_token_ids": [rng.randrange(10, args.vocab_size) for _ in range(args.prompt_len)]}
-        for _ in range(n)
-    ]
+    prompts = token_prompts(n, args.prompt_len, args.vocab_size, seed=0)
 
     def params(spec=None):
         return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
@@ -145,20 +119,20 @@ def main() -> None:
     for llm, p in rows.values():  # warm-up (compiles, and exercises a backtrack once)
         llm.generate(prompts[:8], p[:8], use_tqdm=False)
 
-    rates: dict[str, list[float]] = {k: [] for k in rows}
     last_tokens: dict[str, list[list[int]]] = {}
-    names = list(rows)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # each round starts one row later
-            llm, p = rows[name]
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, p, use_tqdm=False)
-            elapsed = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
-            last_tokens[name] = [list(o.outputs[0].token_ids) for o in outs]
-            rates[name].append(tokens / elapsed)
-            print(f"round {r} {name:12s} {tokens / elapsed:10.1f} tok/s ({elapsed:.1f} s)", flush=True)
+
+    def run(name: str) -> dict:
+        llm, p = rows[name]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, p, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
+        last_tokens[name] = [list(o.outputs[0].token_ids) for o in outs]
+        return {"tokens_per_s": tokens / elapsed, "seconds": elapsed}
+
+    measured = interleaved_rounds(list(rows), args.rounds, run)
+    rates = {k: [m["tokens_per_s"] for m in v] for k, v in measured.items()}
 
     # What the spec implies (constant probes): every firing request fires once, at G_fire.
     g_fire = min(args.min_tokens, args.max_tokens)
@@ -174,7 +148,7 @@ def main() -> None:
     prefix_ok = all(idle[i][:keep] == trig[i][:keep] for i in range(n) if firing[i])
     diverged = sum(idle[i][keep:] != trig[i][keep:] for i in range(n) if firing[i])
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = median_of(measured, "tokens_per_s")
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "args": vars(args),

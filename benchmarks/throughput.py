@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_engines import add_model_args, build_model, engine_kwargs, steering_and_vanilla_engines, token_prompts
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,54 +32,24 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=1408)
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    add_model_args(parser)
     parser.add_argument("--selected-heads", type=int, default=16, help="K of the ITI pack")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_steer.models.tiny_checkpoint import write_config_only
     from vllm_steer.pack import save_pack
-    from vllm_steer.pack.hf_shape import shape_of_checkpoint
     from vllm_steer.pack.synthetic import random_pack
 
     work = Path(tempfile.mkdtemp(prefix="vllm-steer-bench-"))
-    model = write_config_only(
-        work / "model", "llama", hidden_size=args.hidden_size, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
-        vocab_size=args.vocab_size,
-    )
-    shape = shape_of_checkpoint(model)
+    model, shape = build_model(args, work)
     pack = save_pack(work / "bench.safetensors",
                      random_pack(shape, "bench", num_heads_selected=args.selected_heads, seed=0))
-
-    common = dict(
-        model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
-        max_model_len=args.prompt_len + args.max_tokens + 8, max_num_seqs=args.num_requests,
-        max_num_batched_tokens=max(2048, args.num_requests * 2), seed=0, enforce_eager=args.enforce_eager,
-    )
-    # The plugin engine first: the front-end process loads plugins once, at its first engine.
-    steer_llm = LLM(**common, additional_config={"steering": {"packs": [str(pack)]}})
-    os.environ["VLLM_PLUGINS"] = "none"  # engine processes spawned from now on load no plugin
-    vanilla_llm = LLM(**common)
-    del os.environ["VLLM_PLUGINS"]
-
-    import random
-
-    rng = random.Random(0)
-    prompts = [
-        {"prompt_token_ids": [rng.randrange(10, args.vocab_size) for _ in range(args.prompt_len)]}
-        for _ in range(args.num_requests)
-    ]
+    common = engine_kwargs(args, model, args.prompt_len + args.max_tokens + 8, args.num_requests)
+    steer_llm, vanilla_llm = steering_and_vanilla_engines(common, [pack])
+    prompts = token_prompts(args.num_requests, args.prompt_len, args.vocab_size, seed=0)
 
     def params(spec=None):
         return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,

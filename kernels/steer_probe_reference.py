@@ -164,20 +164,19 @@ def steer_probe_reference(
         return
 
     slots = token_slots[:num_tokens].long()
-    steered_tokens = torch.nonzero(slots != 0).squeeze(1)
+    steered_tokens = torch.nonzero(slots).squeeze(1)
     if probing:
         probe_out[:num_tokens].zero_()  # slot-0 tokens report 0; steered ones are overwritten below
     if steered_tokens.numel() == 0:
         return
 
-    steered_slots = slots[steered_tokens]
-    x = attn_out[steered_tokens].float()  # the activations before steering, [A, H*D]
+    steered_slots = slots.index_select(0, steered_tokens)
+    x = attn_out.index_select(0, steered_tokens).float()  # the activations before steering, [A, H*D]
     if probing:
-        probe_weights = probe_rows[steered_slots].float()
-        per_head = (x * probe_weights).view(-1, num_heads, head_dim).sum(dim=-1)
-        probe_out[steered_tokens] = per_head
-    add = steer_rows[steered_slots].float()
+        probe_weights = probe_rows.index_select(0, steered_slots).float()
+        per_head = torch.mul(x, probe_weights).view(-1, num_heads, head_dim).sum(dim=-1)
+        probe_out.index_copy_(0, steered_tokens, per_head)
+    add = steer_rows.index_select(0, steered_slots).float()
     if token_scales is not None:
-        add = add * token_scales[steered_tokens].unsqueeze(1)
-    steered = x + add
-    attn_out[steered_tokens] = steered.to(attn_out.dtype)
+        add = add * token_scales.index_select(0, steered_tokens).unsqueeze(1)
+    attn_out.index_copy_(0, steered_tokens, (x + add).to(attn_out.dtype))

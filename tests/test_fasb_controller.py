@@ -109,15 +109,15 @@ def test_planner_probes_newest_tokens_then_steers_after_an_update():
     # m: full prefill of 5 tokens (samples) ; v: unsteered decode
     planner.plan_step(["m", "v"], np.array([5, 1]), np.array([0, 9]), np.array([5, 9]), args, np.array([5, 10]))
     assert planner.table.token_slots[:6].tolist() == [0, 0, 0, 0, 1, 0]
-    assert [(t.req_id, t.row) for t in planner.monitored] == [("m", 4)]
+    assert planner.monitored.req_ids == ["m"] and planner.monitored.rows.tolist() == [4]
     assert torch.count_nonzero(planner.table.head_rows[:, 1]) == 0  # monitored, not steered yet
     # a partial prefill chunk does not sample: nothing to probe
     planner.plan_step(["m"], np.array([3]), np.array([0]), np.array([5]), args, np.array([5]))
-    assert planner.monitored == [] and planner.table.token_slots[:3].tolist() == [0, 0, 0]
+    assert not planner.monitored and planner.table.token_slots[:3].tolist() == [0, 0, 0]
     # the backtrack: steer from position 6 at strength 2.5, stop monitoring
     planner.apply_update(FasbUpdate("m", strength=2.5, steer_from=6, monitor=False), args)
     planner.plan_step(["m"], np.array([3]), np.array([4]), np.array([5]), args, np.array([7]))
-    assert planner.table.token_slots[:3].tolist() == [0, 0, 1] and planner.monitored == []
+    assert planner.table.token_slots[:3].tolist() == [0, 0, 1] and not planner.monitored
     assert planner.table.token_scales[:4].tolist() == [1.0, 1.0, 2.5, 1.0]
     pack = registry.packs["p"]
     k = 0
@@ -140,7 +140,7 @@ def test_paper_strength_follows_the_previous_tokens_score():
     # resume: recompute positions 5..6 (6 is the last kept token, steered at the trigger strength)
     planner.plan_step(["m"], np.array([2]), np.array([5]), np.array([5]), args, np.array([7]))
     assert planner.table.token_slots[:2].tolist() == [0, 1] and planner.table.token_scales[:2].tolist() == [1.0, 3.0]
-    assert [(t.row, t.position) for t in planner.monitored] == [(1, 6)]
+    assert planner.monitored.rows.tolist() == [1] and planner.monitored.positions.tolist() == [6]
     planner.note_scores(["m"], [6], [0.2])  # below the threshold: position 7 at 4 * 0.8
     planner.plan_step(["m"], np.array([1]), np.array([7]), np.array([5]), args, np.array([8]))
     assert planner.table.token_scales[0].item() == pytest.approx(3.2)
@@ -152,22 +152,32 @@ def test_paper_strength_follows_the_previous_tokens_score():
     assert planner.table.token_scales[:9].tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 3.0, 3.2, 0.0])
 
 
-def test_probe_table_scores_are_mean_sigmoids_of_the_pack_probes():
-    planner, registry = _planner()
-    pack = registry.packs["p"]
-    probes = planner.probes
-    probes.write_slot(1, pack)
+def test_probe_table_scores_are_mean_sigmoids_of_each_tokens_pack_probes():
+    packs = [random_pack(SHAPE, name, num_heads_selected=k, with_probes=True, seed=seed)
+             for name, k, seed in (("p", 5, 0), ("q", 3, 1))]
+    layout = RankLayout(3, 4, 8, 32)
+    probes = ProbeTable(layout, ProbeTable.layers_of(packs), 64, 4, "cpu")
     acts = torch.randn(len(probes.probe_layers), 4, 4 * 8)  # [L_p, tokens, H*D]
-    # what the fused op writes: per-head dots with the slot's probe rows
+    slot_of_token = {2: 1, 3: 2, 1: 1}
+    probes.write_slot(1, packs[0])
+    probes.write_slot(2, packs[1])
+    # what the fused op writes: per-head dots with each token's slot's probe rows
     for j in range(len(probes.probe_layers)):
-        probes.probe_out[j, :4] = (acts[j] * probes.probe_rows[j, 1]).view(4, 4, 8).sum(-1)
-    sums = probes.sigmoid_sums(torch.tensor([2, 3]), [pack, pack])
-    expected = []
-    for t in (2, 3):
+        for t, slot in slot_of_token.items():
+            probes.probe_out[j, t] = (acts[j, t] * probes.probe_rows[j, slot]).view(4, 8).sum(-1)
+
+    def expected_mean(pack, t):
         logits = [float(acts[probes.probe_layers.index(l), t, h * 8:(h + 1) * 8] @ pack.probe_weights[k])
                   + float(pack.probe_biases[k]) for k, (l, h) in enumerate(pack.selected_heads)]
-        expected.append(float(torch.sigmoid(torch.tensor(logits)).sum()))
-    assert sums.tolist() == pytest.approx(expected, rel=1e-5)
+        return float(torch.sigmoid(torch.tensor(logits)).mean())
+
+    one_pack = {"p": (packs[0], [0, 1])}
+    means = probes.sigmoid_sums(torch.tensor([2, 1]), one_pack) / probes.probe_counts(one_pack, 2)
+    assert means.tolist() == pytest.approx([expected_mean(packs[0], 2), expected_mean(packs[0], 1)], rel=1e-5)
+    two_packs = {"p": (packs[0], [0, 2]), "q": (packs[1], [1])}
+    means = probes.sigmoid_sums(torch.tensor([2, 3, 1]), two_packs) / probes.probe_counts(two_packs, 3)
+    expected = [expected_mean(packs[0], 2), expected_mean(packs[1], 3), expected_mean(packs[0], 1)]
+    assert means.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_steering_engines_select_the_v1_model_runner(monkeypatch):

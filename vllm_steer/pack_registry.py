@@ -96,6 +96,34 @@ class PackRegistry:
                 )
         return pack
 
+    def methods_of(self, pack: SteerPack) -> list[str]:
+        """The spec methods a request may ask of ``pack`` (its manifest's, plus FASB when it has ITI
+        heads and probes)."""
+        methods = list(pack.manifest.methods)
+        if "iti" in methods and pack.manifest.has_probes:
+            methods.append("fasb")
+        return methods
+
+    def describe(self) -> list[dict]:
+        """What a client may know about the loaded packs (no file paths): name, methods, the model
+        shape they fit, K, layers, probes, L2S layers and the fit record."""
+        out = []
+        for name in sorted(self.packs):
+            pack = self.packs[name]
+            manifest = pack.manifest
+            out.append({
+                "name": name,
+                "methods": self.methods_of(pack),
+                "model": manifest.model.model_dump(),
+                "num_heads_selected": manifest.num_heads_selected,
+                "head_layers": sorted(set(pack.head_layers.tolist())),
+                "residual_layers": sorted(set(pack.residual_layers.tolist())),
+                "has_probes": manifest.has_probes,
+                "l2s": manifest.l2s.model_dump() if manifest.l2s is not None else None,
+                "metadata": manifest.metadata,
+            })
+        return out
+
     def _unknown_pack(self, name: str | None) -> SpecError:
         known = sorted(self.packs) or "none"
         return SpecError(f"steering.pack {name!r} is not loaded (loaded: {known})", field="steering.pack")

@@ -89,6 +89,7 @@ class FasbRequest:
 class FasbController:
     def __init__(self) -> None:
         self.requests: dict[str, FasbRequest] = {}
+        self.num_checks = 0  # probe scores compared with a threshold
         self.num_backtracks = 0
         self.num_recomputed_tokens = 0
 
@@ -101,7 +102,10 @@ class FasbController:
         if state is None or not state.checking:
             return None
         spec = state.spec
-        if not (final or num_generated >= spec.first_check) or not score < spec.threshold:
+        if not (final or num_generated >= spec.first_check):
+            return None
+        self.num_checks += 1
+        if not score < spec.threshold:
             return None
         keep = num_generated - spec.backtrack if num_generated > spec.backtrack else 0
         if final and keep == num_generated:

@@ -98,24 +98,33 @@ class ProbeTable:
         self._packs[pack.name] = probes
         return probes
 
-    def sigmoid_sums(self, rows: torch.Tensor, packs: list[SteerPack]) -> torch.Tensor:
-        """For each (token row, pack) pair: the sum over this rank's probed heads of sigmoid(logit).
+    def sigmoid_sums(self, rows: torch.Tensor, by_pack: dict[str, tuple[SteerPack, list[int]]]) -> torch.Tensor:
+        """For each token row: the sum over this rank's probed heads of its pack's sigmoid(logit).
 
-        ``rows`` [M] long on the device. Returns [M] float32 on the device."""
+        ``rows`` [M] long on the device; ``by_pack`` maps a pack name to (pack, indices into ``rows``).
+        Returns [M] float32 on the device."""
         sums = torch.zeros(rows.shape[0], dtype=torch.float32, device=self.device)
-        by_pack: dict[str, list[int]] = {}
-        for i, pack in enumerate(packs):
-            by_pack.setdefault(pack.name, []).append(i)
-        pack_of = {p.name: p for p in packs}
-        for name, members in by_pack.items():
-            probes = self._probes(pack_of[name])
+        for pack, members in by_pack.values():
+            probes = self._probes(pack)
             if probes.layer_index.numel() == 0:
                 continue
-            index = torch.tensor(members, dtype=torch.long, device=self.device)
-            r = rows[index]
+            whole = len(members) == rows.shape[0]
+            index = None if whole else torch.tensor(members, dtype=torch.long, device=self.device)
+            r = rows if whole else rows[index]
             logits = self.probe_out[probes.layer_index[None, :], r[:, None], probes.local_head[None, :]]
-            sums[index] = torch.sigmoid(logits + probes.bias).sum(dim=-1)
+            group_sums = torch.sigmoid(logits + probes.bias).sum(dim=-1)
+            if whole:
+                sums = group_sums
+            else:
+                sums[index] = group_sums
         return sums
 
-    def num_probes(self, pack: SteerPack) -> int:
-        return self._probes(pack).num_probes
+    def probe_counts(self, by_pack: dict[str, tuple[SteerPack, list[int]]], num_rows: int) -> torch.Tensor | float:
+        """K of each row's pack (over all ranks), to turn the summed sigmoids into means."""
+        if len(by_pack) == 1:
+            (pack, _), = by_pack.values()
+            return float(self._probes(pack).num_probes)
+        counts = torch.empty(num_rows, dtype=torch.float32)
+        for pack, members in by_pack.values():
+            counts[members] = float(self._probes(pack).num_probes)
+        return counts.to(self.device)

@@ -71,11 +71,23 @@ class RequestSteering:
 
 
 @dataclass(frozen=True)
-class MonitoredToken:
-    req_id: str
-    row: int  # the token's row in this step's flattened batch
-    position: int  # the token's absolute position
-    pack: SteerPack
+class MonitoredTokens:
+    """This step's probed tokens: the newest token of each monitored request that samples."""
+
+    req_ids: list[str]
+    batch_index: np.ndarray  # [M] int64, each request's index in the step's batch
+    rows: np.ndarray  # [M] int64, each token's row in the step's flattened batch
+    positions: np.ndarray  # [M] int64, each token's absolute position
+    by_pack: dict[str, tuple[SteerPack, list[int]]]  # pack name -> (pack, indices into req_ids)
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __bool__(self) -> bool:
+        return bool(self.req_ids)
+
+
+NOTHING_MONITORED = MonitoredTokens([], *(np.zeros(0, dtype=np.int64),) * 3, {})
 
 
 class StepPlanner:
@@ -95,12 +107,13 @@ class StepPlanner:
         self.l2s_predictions = 0  # predictor runs, over the engine's life
         self.l2s_repeats = 0  # runs for a request that already had its vector (must stay 0)
         self._requests: dict[str, RequestSteering | None] = {}
+        self._num_adaptive = 0  # tracked requests with strength="paper" after their trigger
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
         self._host_slots = torch.zeros(table.token_slots.shape[0], dtype=torch.int32)
         self._host_scales = torch.ones(table.token_scales.shape[0], dtype=torch.float32)
         self._scaled_tokens = 0  # how many leading entries of token_scales may differ from 1
-        self.monitored: list[MonitoredToken] = []  # this step's probed tokens
+        self.monitored = NOTHING_MONITORED  # this step's probed tokens
 
     # -- request lifecycle -------------------------------------------------------------------
     def steering_of(
@@ -132,8 +145,11 @@ class StepPlanner:
             current.spec, current.pack, alpha=1.0, steer_from=update.steer_from, monitor=update.monitor,
             strength=update.strength, strengths=[update.strength] if update.adaptive else None,
         )
+        self._num_adaptive += update.adaptive and current.strengths is None
 
     def has_adaptive_strength(self, req_ids: Sequence[str]) -> bool:
+        if not self._num_adaptive:
+            return False
         return any((st := self._requests.get(r)) is not None and st.strengths is not None for r in req_ids)
 
     def note_scores(self, req_ids: Sequence[str], positions: Sequence[int], scores: Sequence[float]) -> None:
@@ -152,12 +168,19 @@ class StepPlanner:
 
     def forget(self, req_ids: Sequence[str]) -> None:
         for req_id in req_ids:
-            self._requests.pop(req_id, None)
+            steering = self._requests.pop(req_id, None)
+            if steering is not None and steering.strengths is not None:
+                self._num_adaptive -= 1
             self._l2s_vectors.pop(req_id, None)
 
     @property
     def num_tracked_requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def num_steered_requests(self) -> int:
+        """Requests this worker knows that hold a steering slot (steered or monitored)."""
+        return sum(steering is not None for steering in self._requests.values())
 
     # -- per step ------------------------------------------------------------------------------
     def plan_step(
@@ -175,16 +198,16 @@ class StepPlanner:
         needed when some request is monitored."""
         self._stash_l2s_vectors()
         num_reqs = len(req_ids)
-        total = int(num_scheduled[:num_reqs].sum())
+        counts = num_scheduled[:num_reqs].astype(np.int64)
+        total = int(counts.sum())
+        first_token = np.cumsum(counts) - counts
+        num_prompt_of = num_prompt[:num_reqs].tolist()
         l2s_entries: dict[str, list[tuple[int, int]]] = {name: [] for name in self.predictors}
         slot_of_req = np.zeros(num_reqs, dtype=np.int32)
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
-        probe_rows: list[int] = []
-        probe_slots: list[int] = []
+        monitored: list[int] = []  # batch indices of monitored requests
         scaled: list[tuple[int, RequestSteering]] = []  # requests whose tokens carry a scale
-        self.monitored = []
         any_slot = False
-        first_row = None
         for i, req_id in enumerate(req_ids):
             steering = self.steering_of(req_id, extra_args_of)
             if steering is None:
@@ -200,34 +223,30 @@ class StepPlanner:
                     self.predictors[steering.pack.name].out_rows[slot].copy_(vector)
                 self._slot_owner[slot] = (req_id, steering)
             slot_of_req[i] = slot
-            start_of_req[i] = steering.first_steered(int(num_prompt[i]))
+            any_slot = True
+            if steering.monitor:
+                monitored.append(i)
+                if steering.alpha == 0.0:  # monitored, not steered yet: nothing else to plan
+                    continue
+            start_of_req[i] = steering.first_steered(num_prompt_of[i])
             if steering.spec.method == "l2s":
                 predictor = self.predictors[steering.pack.name]
-                last_prompt = int(num_prompt[i]) - 1
+                last_prompt = num_prompt_of[i] - 1
                 if not predictor.same_pass:  # the vector arrives after layer L*: generated tokens only
                     start_of_req[i] = max(start_of_req[i], last_prompt + 1)
                 computed = int(num_computed[i])
-                if computed <= last_prompt < computed + int(num_scheduled[i]):
+                if computed <= last_prompt < computed + int(counts[i]):
                     if req_id in self._l2s_vectors:
                         pass  # resumed or backtracked: its vector is already in its slot
                     else:
-                        if first_row is None:
-                            first_row = np.cumsum(num_scheduled[:num_reqs]) - num_scheduled[:num_reqs]
-                        l2s_entries[steering.pack.name].append((int(first_row[i]) + last_prompt - computed, slot))
+                        l2s_entries[steering.pack.name].append((int(first_token[i]) + last_prompt - computed, slot))
                         self._l2s_pending.append((req_id, slot, predictor))
                         self.l2s_predictions += 1
-            any_slot = True
             if steering.strengths is not None or steering.strength != 1.0:
                 scaled.append((i, steering))
-            if steering.monitor:
-                end = int(num_computed[i]) + int(num_scheduled[i])
-                if num_tokens is None or end >= int(num_tokens[i]):  # this step samples for it
-                    if first_row is None:
-                        first_row = np.cumsum(num_scheduled[:num_reqs]) - num_scheduled[:num_reqs]
-                    row = int(first_row[i]) + int(num_scheduled[i]) - 1
-                    probe_rows.append(row)
-                    probe_slots.append(slot)
-                    self.monitored.append(MonitoredToken(req_id, row, end - 1, steering.pack))
+        self.monitored = self._monitored_tokens(
+            req_ids, monitored, counts, first_token, num_computed, num_tokens
+        )
 
         for name, predictor in self.predictors.items():
             predictor.set_step(l2s_entries[name])
@@ -238,15 +257,13 @@ class StepPlanner:
             self._write_scales(None, 0)
             return 0
 
-        counts = num_scheduled[:num_reqs].astype(np.int64)
         req_of_token = np.repeat(np.arange(num_reqs), counts)
-        first_token = np.cumsum(counts) - counts
         positions = num_computed[:num_reqs].astype(np.int64)[req_of_token] + (
             np.arange(total) - first_token[req_of_token]
         )
         token_slots = np.where(positions >= start_of_req[req_of_token], slot_of_req[req_of_token], 0)
-        if probe_rows:
-            token_slots[np.asarray(probe_rows)] = np.asarray(probe_slots)
+        if self.monitored:
+            token_slots[self.monitored.rows] = slot_of_req[self.monitored.batch_index]
         host = self._host_slots[: max(total, self._dirty_tokens)]
         host.zero_()
         host[:total] = torch.from_numpy(token_slots.astype(np.int32))
@@ -265,6 +282,29 @@ class StepPlanner:
                     scales[rows] = [steering.scale_at(int(q)) for q in positions[rows]]
         self._write_scales(scales, total)
         return int(np.count_nonzero(token_slots))
+
+    def _monitored_tokens(self, req_ids, monitored, counts, first_token, num_computed, num_tokens):
+        """The newest token of each monitored request that samples this step (``num_tokens``: each
+        request's known length; a step that reaches it samples)."""
+        if not monitored:
+            return NOTHING_MONITORED
+        index = np.asarray(monitored, dtype=np.int64)
+        end = num_computed[index].astype(np.int64) + counts[index]
+        if num_tokens is not None:
+            samples = end >= num_tokens[index]
+            index, end = index[samples], end[samples]
+            if index.shape[0] == 0:
+                return NOTHING_MONITORED
+        ids = [req_ids[i] for i in index.tolist()]
+        by_pack: dict[str, tuple[SteerPack, list[int]]] = {}
+        for m, req_id in enumerate(ids):
+            pack = self._requests[req_id].pack
+            group = by_pack.get(pack.name)
+            if group is None:
+                by_pack[pack.name] = (pack, [m])
+            else:
+                group[1].append(m)
+        return MonitoredTokens(ids, index, first_token[index] + counts[index] - 1, end - 1, by_pack)
 
     def _stash_l2s_vectors(self) -> None:
         """Keep the vectors predicted in the last forward, so a request that moves to another slot

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 
 def install() -> None:
-    from vllm_steer.integration import frontend, prefix_cache, scheduler, worker
+    from vllm_steer.integration import (
+        engine_stats, frontend, openai_server, prefix_cache, scheduler, serve_flags, worker,
+    )
 
     frontend.install()
+    serve_flags.install()
+    openai_server.install()
     prefix_cache.install()
     scheduler.install()
     worker.install()
+    engine_stats.install()

@@ -30,9 +30,28 @@ logger = logging.getLogger("vllm_steer")
 _REGISTRIES: dict[int, tuple[Any, PackRegistry, SteeringConfig]] = {}
 
 
-def _engine_steering(model_config: Any) -> tuple[PackRegistry, SteeringConfig] | None:
+def engine_steering(model_config: Any) -> tuple[PackRegistry, SteeringConfig] | None:
     hit = _REGISTRIES.get(id(model_config))
     return (hit[1], hit[2]) if hit is not None and hit[0] is model_config else None
+
+
+def steering_engines() -> list[tuple[PackRegistry, SteeringConfig]]:
+    """The steering engines this process has configured (one for ``vllm serve``)."""
+    return [(registry, config) for _, registry, config in _REGISTRIES.values()]
+
+
+def check_spec_against(params, registry: PackRegistry, config: SteeringConfig) -> None:
+    """Check a SamplingParams' steering and capture requests against one engine's packs and config;
+    raises VLLMValidationError (HTTP 400) naming the field."""
+    try:
+        spec = parse_spec(params.extra_args)
+        capture = parse_capture(params.extra_args)
+        if spec is not None:
+            registry.resolve(spec)
+        if capture is not None and not config.capture:
+            raise SpecError("this engine was not started with steering.capture", field=CAPTURE_KEY)
+    except SpecError as exc:
+        raise _validation_error(exc) from None
 
 
 def _validation_error(exc: SpecError) -> Exception:
@@ -122,21 +141,17 @@ def install() -> None:
         try:
             spec = parse_spec(self.extra_args)
             capture = parse_capture(self.extra_args)
-            if spec is None and capture is None:
-                return
-            engine = _engine_steering(model_config)
-            if engine is None:
-                raise SpecError(
-                    "this request carries a steering spec but the engine was started without "
-                    "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
-                    field="steering" if spec is not None else CAPTURE_KEY,
-                )
-            registry, config = engine
-            if spec is not None:
-                registry.resolve(spec)
-            if capture is not None and not config.capture:
-                raise SpecError("this engine was not started with steering.capture", field=CAPTURE_KEY)
         except SpecError as exc:
             raise _validation_error(exc) from None
+        if spec is None and capture is None:
+            return
+        engine = engine_steering(model_config)
+        if engine is None:
+            raise _validation_error(SpecError(
+                "this request carries a steering spec but the engine was started without "
+                "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
+                field="steering" if spec is not None else CAPTURE_KEY,
+            ))
+        check_spec_against(self, *engine)
 
     SamplingParams.verify = verify

@@ -51,7 +51,22 @@ def controller_of(scheduler) -> FasbController | None:
         scheduler.__dict__["_vllm_steer_scores"] = {}
         scheduler.__dict__["_vllm_steer_fired"] = []
         scheduler.__dict__["_vllm_steer_updates"] = []
+        scheduler.__dict__["_vllm_steer_requests_by_method"] = {}
     return ctl
+
+
+def scheduler_stats(scheduler) -> dict:
+    """Counters since start-up: steered requests by method, FASB probe checks, backtracks and
+    recomputed tokens."""
+    ctl = controller_of(scheduler)
+    if ctl is None:
+        return {}
+    return {
+        "requests_by_method": dict(scheduler.__dict__["_vllm_steer_requests_by_method"]),
+        "probe_checks": ctl.num_checks,
+        "backtracks": ctl.num_backtracks,
+        "recomputed_tokens": ctl.num_recomputed_tokens,
+    }
 
 
 def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
@@ -161,6 +176,9 @@ def install() -> None:
             spec = parse_spec(request.sampling_params.extra_args)
         except SteeringError:  # refused by the front-end already; the worker runs it unsteered
             return
+        if spec is not None and spec.active:
+            by_method = self.__dict__["_vllm_steer_requests_by_method"]
+            by_method[spec.method] = by_method.get(spec.method, 0) + 1
         if spec is not None and spec.monitored:
             ctl.track(request.request_id, spec, request.num_prompt_tokens)
 

@@ -141,15 +141,13 @@ def _probe_scores(runner):
         return None
     monitored = planner.monitored
     probes = planner.probes
-    rows = torch.tensor([m.row for m in monitored], dtype=torch.long).to(runner.device, non_blocking=True)
-    packs = [m.pack for m in monitored]
-    sums = probes.sigmoid_sums(rows, packs)
+    rows = torch.from_numpy(monitored.rows).to(runner.device, non_blocking=True)
+    sums = probes.sigmoid_sums(rows, monitored.by_pack)
     if probes.layout.tp_size > 1:
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         sums = tensor_model_parallel_all_reduce(sums)
-    counts = torch.tensor([probes.num_probes(p) for p in packs], dtype=torch.float32).to(runner.device)
-    return planner, sums / counts
+    return planner, sums / probes.probe_counts(monitored.by_pack, len(monitored))
 
 
 def _wrap_sample_tokens(cls) -> None:
@@ -164,11 +162,11 @@ def _wrap_sample_tokens(cls) -> None:
             return original(self, *args, **kwargs)
         planner, scores = scored
         monitored = planner.monitored
-        req_ids = [m.req_id for m in monitored]
+        req_ids = monitored.req_ids
         if planner.has_adaptive_strength(req_ids):
             # strength="paper": this step's scores set the next step's strengths, on every rank.
             scores_cpu = scores.cpu()
-            planner.note_scores(req_ids, [m.position for m in monitored], scores_cpu.tolist())
+            planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
         elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
             # Enqueued before the runner's own device-to-host copy, which waits for this stream:
             # once its output is ready, so is this copy.
@@ -202,7 +200,12 @@ def steering_stats(worker) -> dict:
     planner: StepPlanner | None = getattr(worker.model_runner, PLANNER_ATTR, None)
     if planner is None:
         return {}
-    return {"l2s_predictions": planner.l2s_predictions, "l2s_repeats": planner.l2s_repeats}
+    return {
+        "l2s_predictions": planner.l2s_predictions,
+        "l2s_repeats": planner.l2s_repeats,
+        "slots_in_use": planner.num_steered_requests,
+        "slots_total": planner.table.num_slots - 1,
+    }
 
 
 def collect_captures(worker, keys: list[str]) -> dict:

@@ -1,0 +1,193 @@
+"""The plugin's part of vLLM's OpenAI-compatible server (``vllm serve``, or
+``python -m vllm.entrypoints.openai.api_server``), in the API-server process.
+
+* Requests: completions and chat completions accept a ``steering`` object in the body. It is moved
+  into ``SamplingParams.extra_args`` before vLLM builds the SamplingParams, so it goes through the
+  same validation as offline requests (``frontend.py``): a bad value is a ``VLLMValidationError``,
+  i.e. HTTP 400 naming the field, raised before any streaming starts. The flat ``vllm_xargs`` form
+  (``steering_pack``, ``steering_alpha``, ...) needs nothing here.
+* ``GET /v1/steering/packs``: the loaded packs (name, methods, model shape, K, layers, metadata).
+  There is no endpoint that loads a file: packs come only from the operator's ``--steering-packs``.
+* ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from the
+  engine (``engine_stats.ENGINE_STATS_UTILITY``) and exposed as ``vllm_steer:*`` series.
+
+The routes and the middleware are added where vLLM attaches endpoint plugins, once the core
+routers exist; only for servers started with steering.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
+import functools
+import sys
+from typing import Any
+
+from vllm_steer.config import steering_config_from
+from vllm_steer.integration.engine_stats import ENGINE_STATS_UTILITY
+from vllm_steer.spec import SPEC_KEY
+
+PACKS_ROUTE = "/v1/steering/packs"
+_APP_MODULE = "vllm.entrypoints.launchers.app"
+_REQUEST_CLASSES = (
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+)
+
+
+def _steering_enabled(args: Any) -> bool:
+    if getattr(args, "steering_plugin", False):
+        return True
+    return steering_config_from(getattr(args, "additional_config", None)) is not None
+
+
+# -- request bodies --------------------------------------------------------------------------------
+def _wrap_to_sampling_params(request_cls) -> None:
+    original = request_cls.to_sampling_params
+    if getattr(original, "_vllm_steer", False):
+        return
+
+    @functools.wraps(original)
+    def to_sampling_params(self, *args, **kwargs):
+        extra = self.model_extra or {}
+        if SPEC_KEY in extra:
+            xargs = dict(self.vllm_xargs or {})
+            if SPEC_KEY in xargs:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(
+                    "give the steering spec either as the 'steering' body field or in vllm_xargs, not both",
+                    parameter=SPEC_KEY,
+                )
+            xargs[SPEC_KEY] = extra[SPEC_KEY]
+            self.vllm_xargs = xargs  # read by the original right below; validated in SamplingParams
+        params = original(self, *args, **kwargs)
+        _check_against_the_engine(params)
+        return params
+
+    to_sampling_params._vllm_steer = True
+    request_cls.to_sampling_params = to_sampling_params
+
+
+def _check_against_the_engine(params) -> None:
+    """Check the spec against the server's packs now, not later in the engine's input processor:
+    for a streaming request that would already be inside the event stream (HTTP 200), not a 400."""
+    from vllm_steer.integration.frontend import check_spec_against, steering_engines
+
+    engines = steering_engines()
+    if len(engines) == 1:  # the API server's own engine; otherwise the engine checks it later
+        check_spec_against(params, *engines[0])
+
+
+def _patch_request_classes() -> None:
+    import importlib
+
+    for module_name, class_name in _REQUEST_CLASSES:
+        _wrap_to_sampling_params(getattr(importlib.import_module(module_name), class_name))
+
+
+# -- routes -----------------------------------------------------------------------------------------
+def _engine_registry(app):
+    from vllm_steer.integration.frontend import engine_steering
+
+    engine_client = getattr(app.state, "engine_client", None)
+    model_config = getattr(engine_client, "model_config", None)
+    found = engine_steering(model_config) if model_config is not None else None
+    return found[0] if found is not None else None
+
+
+def _add_routes(app) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    async def list_packs(request: Request):
+        registry = _engine_registry(request.app)
+        if registry is None:
+            return JSONResponse({"error": {"message": "this server runs without steering", "code": 404}}, 404)
+        return JSONResponse({"object": "list", "data": registry.describe()})
+
+    app.add_api_route(PACKS_ROUTE, list_packs, methods=["GET"], name="vllm_steer_list_packs")
+
+    @app.middleware("http")
+    async def refresh_steering_metrics(request: Request, call_next):
+        if request.url.path.rstrip("/") == "/metrics":
+            await _refresh_metrics(request.app)
+        return await call_next(request)
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+class _SteeringCollector:
+    """Prometheus collector over the last counters fetched from the engine."""
+
+    def __init__(self) -> None:
+        self.stats: dict = {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.stats
+        by_method = CounterMetricFamily(
+            "vllm_steer:requests", "Requests that reached the engine with an active steering spec, by method",
+            labels=["method"],
+        )
+        for method, n in sorted(stats.get("requests_by_method", {}).items()):
+            by_method.add_metric([method], n)
+        yield by_method
+        for key, help_text in (
+            ("probe_checks", "FASB probe scores compared with a request's threshold"),
+            ("backtracks", "FASB backtracks (each drops up to s generated tokens and regenerates them)"),
+            ("recomputed_tokens", "Generated tokens dropped by FASB backtracks and generated again"),
+            ("l2s_predictions", "L2S predictor runs (one per L2S request)"),
+        ):
+            yield CounterMetricFamily(f"vllm_steer:{key}", help_text, value=stats.get(key, 0))
+        yield GaugeMetricFamily("vllm_steer:slots_in_use", "Steering slots held by running requests",
+                                value=stats.get("slots_in_use", 0))
+        yield GaugeMetricFamily("vllm_steer:slots_total", "Steering slots of the engine (max_num_seqs)",
+                                value=stats.get("slots_total", 0))
+
+
+_COLLECTOR: _SteeringCollector | None = None
+
+
+def _collector() -> _SteeringCollector:
+    global _COLLECTOR
+    if _COLLECTOR is None:
+        from prometheus_client import REGISTRY
+
+        _COLLECTOR = _SteeringCollector()
+        REGISTRY.register(_COLLECTOR)
+    return _COLLECTOR
+
+
+async def _refresh_metrics(app) -> None:
+    engine_client = getattr(app.state, "engine_client", None)
+    core = getattr(engine_client, "engine_core", None)
+    if core is None or not hasattr(core, "call_utility_async"):
+        return
+    _collector().stats = await core.call_utility_async(ENGINE_STATS_UTILITY)
+
+
+# -- install ----------------------------------------------------------------------------------------
+def _wrap_attach(original):
+    if getattr(original, "_vllm_steer", False):
+        return original
+
+    @functools.wraps(original)
+    def attach_endpoint_plugins(app, *args, **kwargs):
+        result = original(app, *args, **kwargs)
+        if _steering_enabled(getattr(app.state, "args", None)):
+            _patch_request_classes()
+            _add_routes(app)
+            _collector()
+        return result
+
+    attach_endpoint_plugins._vllm_steer = True
+    return attach_endpoint_plugins
+
+
+def install() -> None:
+    try:
+        from vllm.plugins.endpoint_plugins import interface
+    except ImportError:  # a vLLM without endpoint plugins: the server surface is not wired
+        return
+    interface.attach_endpoint_plugins = _wrap_attach(interface.attach_endpoint_plugins)
+    app_module = sys.modules.get(_APP_MODULE)  # imported before the plugin loaded: patch its name too
+    if app_module is not None and hasattr(app_module, "attach_endpoint_plugins"):
+        app_module.attach_endpoint_plugins = _wrap_attach(app_module.attach_endpoint_plugins)

@@ -1,0 +1,83 @@
+"""``vllm serve MODEL --steering-plugin --steering-packs DIR``: the plugin's flags on vLLM's own parser.
+
+vLLM builds the ``serve`` parser through ``AsyncEngineArgs.add_cli_args``, which loads the general
+plugins before it calls ``EngineArgs.add_cli_args``; wrapping the latter adds our flag group.
+``EngineArgs.from_cli_args`` copies only its dataclass fields, so it is wrapped too: there the flags
+become ``additional_config["steering"]``, the one switch the rest of the plugin reads (the same
+thing ``LLM(..., additional_config={"steering": {...}})`` sets offline).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_steer.config import ADDITIONAL_CONFIG_KEY
+from vllm_steer.errors import ConfigError
+
+PLUGIN_FLAG = "--steering-plugin"
+PACKS_FLAG = "--steering-packs"
+
+
+def add_steering_flags(parser) -> None:
+    group = parser.add_argument_group(
+        "vllm-steer", "Per-request activation steering (ITI, residual, FASB, L2S) by the vllm-steer plugin."
+    )
+    group.add_argument(
+        PLUGIN_FLAG, action="store_true", default=False,
+        help="Turn steering on: requests may carry a 'steering' object (or flat steering_* vllm_xargs).",
+    )
+    group.add_argument(
+        PACKS_FLAG, metavar="DIR", default=None,
+        help="Load every *.safetensors steer pack in DIR at start-up, checked against the model. "
+        "Requests name packs by their manifest name; no file outside DIR is ever read.",
+    )
+
+
+def steering_config_from_flags(args: Any, additional_config: dict | None) -> dict | None:
+    """``additional_config`` with the steering config the flags ask for (None: flags not used)."""
+    plugin = bool(getattr(args, "steering_plugin", False))
+    packs_dir = getattr(args, "steering_packs", None)
+    if not plugin:
+        if packs_dir is not None:
+            raise ConfigError(f"{PACKS_FLAG} needs {PLUGIN_FLAG}", field=PACKS_FLAG)
+        return None
+    if additional_config and ADDITIONAL_CONFIG_KEY in additional_config:
+        raise ConfigError(
+            f"give the steering config either as --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
+            f"or with {PLUGIN_FLAG}/{PACKS_FLAG}, not both",
+            field=PLUGIN_FLAG,
+        )
+    steering: dict[str, Any] = {}
+    if packs_dir is not None:
+        steering["packs_dir"] = str(packs_dir)
+    return {**(additional_config or {}), ADDITIONAL_CONFIG_KEY: steering}
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_vllm_steer", False):
+        return
+    original_add = EngineArgs.add_cli_args
+
+    @functools.wraps(original_add)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        add_steering_flags(parser)
+        return parser
+
+    add_cli_args._vllm_steer = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+    original_from = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(original_from)
+    def from_cli_args(cls, args, *rest, **kwargs):
+        engine_args = original_from(cls, args, *rest, **kwargs)
+        config = steering_config_from_flags(args, getattr(engine_args, "additional_config", None))
+        if config is not None:
+            engine_args.additional_config = config
+        return engine_args
+
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
