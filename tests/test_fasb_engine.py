@@ -228,60 +228,97 @@ def _counter(llm, name) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
 
+def _mixed_load_leaks_nothing(case, small, num_requests: int) -> None:
+    """``num_requests`` concurrent requests (vanilla, ITI, FASB that backtracks, FASB aborted around
+    its backtrack, data-dependent FASB with fixed and per-step strengths) on ``small``, an engine
+    whose KV cache holds a fraction of them: every surviving request gets the roomy engine's tokens,
+    requests get preempted, and every KV block comes back."""
+    small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
+    idle = _kv_usage(small)
+    prompts = _prompts(case, num_requests, seed=9)
+    kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed", "fasb_paper"]
+    requests, expected_kind = [], {}
+    for i, prompt in enumerate(prompts):
+        kind = kinds[i % len(kinds)]
+        spec = {
+            "vanilla": None,
+            "iti": {"pack": "probed", "method": "iti", "alpha": 1.0 + i % 7},
+            "fasb": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 1 + i % 6,
+                     "min_tokens": 2 + i % 9},
+            "fasb_abort": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 5, "min_tokens": 5},
+            "fasb_probed": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
+            "fasb_paper": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3,
+                           "threshold": 0.6, "strength": "paper"},
+        }[kind]
+        requests.append((f"load{i}", prompt, greedy(24, spec)))
+        expected_kind[f"load{i}"] = kind
+    preemptions_before = _counter(small, "vllm:num_preemptions")
+    aborting = sorted((r for r, k in expected_kind.items() if k == "fasb_abort"), key=lambda r: int(r[4:]))
+    # Half are aborted at their first output (they release nothing before the backtrack, so
+    # that is while they regenerate), half at spread-out engine steps (waiting, preempted,
+    # regenerating).
+    at_first = set(aborting[::2])
+    at_step = {r: 8 + 5 * k for k, r in enumerate(aborting[1::2])}
+    chunks, _, finished = _stream(small, requests, abort_on_first=at_first, abort_at_step=at_step)
+    aborting = set(aborting)
+    survivors = [r for r in requests if r[0] not in aborting]
+    assert set(finished) >= {r[0] for r in survivors}
+    streamed = {r: [t for c in chunks[r] for t in c] for r in chunks}
+    # Every finished request got its full length; every token equals the same request run in a
+    # roomy engine (FASB ones included: the roomy engine's FASB is checked against HF above).
+    roomy = token_ids(case.llm.generate([r[1] for r in survivors], [r[2] for r in survivors], use_tqdm=False))
+    assert [streamed[r[0]] for r in survivors] == roomy
+    bad = [(r[0], len(t), r[2].extra_args) for r, t in zip(survivors, roomy) if len(t) != 24]
+    assert not bad, bad[:5]
+    assert _counter(small, "vllm:num_preemptions") > preemptions_before
+    # The KV cache is small enough that the non-FASB requests alone get preempted.
+    plain = [r for r in survivors if expected_kind[r[0]] in ("vanilla", "iti")]
+    before = _counter(small, "vllm:num_preemptions")
+    again = token_ids(small.generate([r[1] for r in plain], [r[2] for r in plain], use_tqdm=False))
+    assert _counter(small, "vllm:num_preemptions") > before
+    assert again == [streamed[r[0]] for r in plain]
+    # The engine still serves, and every KV block is back.
+    after = small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
+    assert len(after[0].outputs[0].token_ids) == 2
+    assert _kv_usage(small) == pytest.approx(idle, abs=1e-9)
+
+
+def _small_engine(case, **overrides):
+    return make_llm(case.path, packs=list(case.packs.values()), block_size=32, num_gpu_blocks_override=14,
+                    disable_log_stats=False, **overrides)
+
+
 def test_mixed_load_with_kv_pressure_leaks_nothing(case):
-    """220 concurrent requests (vanilla, ITI, FASB that backtracks, FASB aborted around its
-    backtrack, data-dependent FASB with fixed and per-step strengths) on an engine whose KV cache
-    holds a fraction of them."""
-    small = make_llm(case.path, packs=list(case.packs.values()), block_size=32, num_gpu_blocks_override=14,
-                     disable_log_stats=False)
+    small = _small_engine(case)
     try:
-        small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
-        idle = _kv_usage(small)
-        prompts = _prompts(case, 220, seed=9)
-        kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed", "fasb_paper"]
-        requests, expected_kind = [], {}
-        for i, prompt in enumerate(prompts):
-            kind = kinds[i % len(kinds)]
-            spec = {
-                "vanilla": None,
-                "iti": {"pack": "probed", "method": "iti", "alpha": 1.0 + i % 7},
-                "fasb": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 1 + i % 6,
-                         "min_tokens": 2 + i % 9},
-                "fasb_abort": {"pack": "crafted", "method": "fasb", "alpha": 6.0, "backtrack": 5, "min_tokens": 5},
-                "fasb_probed": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
-                "fasb_paper": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3,
-                               "threshold": 0.6, "strength": "paper"},
-            }[kind]
-            requests.append((f"load{i}", prompt, greedy(24, spec)))
-            expected_kind[f"load{i}"] = kind
-        preemptions_before = _counter(small, "vllm:num_preemptions")
-        aborting = sorted((r for r, k in expected_kind.items() if k == "fasb_abort"), key=lambda r: int(r[4:]))
-        # Half are aborted at their first output (they release nothing before the backtrack, so
-        # that is while they regenerate), half at spread-out engine steps (waiting, preempted,
-        # regenerating).
-        at_first = set(aborting[::2])
-        at_step = {r: 8 + 5 * k for k, r in enumerate(aborting[1::2])}
-        chunks, _, finished = _stream(small, requests, abort_on_first=at_first, abort_at_step=at_step)
-        aborting = set(aborting)
-        survivors = [r for r in requests if r[0] not in aborting]
-        assert set(finished) >= {r[0] for r in survivors}
-        streamed = {r: [t for c in chunks[r] for t in c] for r in chunks}
-        # Every finished request got its full length; every token equals the same request run in a
-        # roomy engine (FASB ones included: the roomy engine's FASB is checked against HF above).
-        roomy = token_ids(case.llm.generate([r[1] for r in survivors], [r[2] for r in survivors], use_tqdm=False))
-        assert [streamed[r[0]] for r in survivors] == roomy
-        bad = [(r[0], len(t), r[2].extra_args) for r, t in zip(survivors, roomy) if len(t) != 24]
-        assert not bad, bad[:5]
-        assert _counter(small, "vllm:num_preemptions") > preemptions_before
-        # The KV cache is small enough that the non-FASB requests alone get preempted.
-        plain = [r for r in survivors if expected_kind[r[0]] in ("vanilla", "iti")]
-        before = _counter(small, "vllm:num_preemptions")
-        again = token_ids(small.generate([r[1] for r in plain], [r[2] for r in plain], use_tqdm=False))
-        assert _counter(small, "vllm:num_preemptions") > before
-        assert again == [streamed[r[0]] for r in plain]
-        # The engine still serves, and every KV block is back.
-        after = small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
-        assert len(after[0].outputs[0].token_ids) == 2
-        assert _kv_usage(small) == pytest.approx(idle, abs=1e-9)
+        _mixed_load_leaks_nothing(case, small, 220)
+    finally:
+        close_llm(small)
+
+
+@pytest.fixture
+def async_scheduling_on_cpu(monkeypatch):
+    """vLLM's CPU platform turns async scheduling off; put it back on for engines built here. The
+    V1 runner then runs one step ahead of the scheduler (AsyncScheduler), as on CUDA by default."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        original(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(check_and_update_config))
+
+
+def test_async_scheduling_backtracks_like_sync_and_leaks_nothing(case, async_scheduling_on_cpu):
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    small = _small_engine(case)
+    try:
+        config = small.llm_engine.vllm_config
+        assert config.scheduler_config.async_scheduling
+        assert issubclass(config.scheduler_config.get_scheduler_cls(), AsyncScheduler)
+        _mixed_load_leaks_nothing(case, small, 90)
     finally:
         close_llm(small)

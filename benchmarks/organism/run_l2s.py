@@ -24,12 +24,13 @@ Steps:
 4. evaluation on the 200 held-out sequences, each as a lying and an honest context (400 prompts),
    greedy, 3 tokens:
      none            unsteered (vLLM)
-     Mean-S alpha=a  method "mean_s": alpha * mean target at layer L*, every token (vLLM)
-     L2S alpha=a     method "l2s": alpha * g(x) predicted in the prefill, every token (vLLM)
+     Mean-S alpha=a  method "mean_s": alpha * mean target at layer L*, from the last prompt token on
+     L2S alpha=a     method "l2s": alpha * g(x) predicted in the prefill, from the last prompt token on
      P2S alpha=a     the oracle: alpha * the evaluation prompt's own target z = h+ - h-, computed
-                     from its desired and undesired answers; applied with plain transformers and a
-                     forward hook on layer L* (the engine has no per-request free vector), every token
-                     (none is also run this way, as a check that both paths agree unsteered).
+                     from its desired and undesired continuations; applied with plain transformers and
+                     a forward hook on layer L* (the engine has no per-request free vector), from the
+                     last prompt token on like L2S (none is also run this way, as a check that both
+                     paths agree unsteered).
 
 Reported per setting: the desired-answer rate (overall, per kind, per context mode) and the damage
 proxy: the well-formed rate (the answer is a valid attribute at all).
@@ -119,8 +120,8 @@ def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, 
 
 def generate_with_vectors(hf, tok, prompts: list[str], layer: int, vectors, max_new_tokens: int,
                           batch_size: int = 64) -> list[str]:
-    """Greedy completions with ``vectors[b]`` added to the stream after ``layer`` at every position of
-    row b (``vectors`` None: unsteered)."""
+    """Greedy completions with ``vectors[b]`` added to the stream after ``layer`` of row b from its last
+    prompt token on, as the engine's L2S does (``vectors`` None: unsteered)."""
     import torch
 
     from benchmarks.organism.evaluate import generate_greedy
@@ -132,14 +133,18 @@ def generate_with_vectors(hf, tok, prompts: list[str], layer: int, vectors, max_
 
     def add(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + state["v"][:, None, :].to(hidden.dtype)
+        steered = torch.zeros_like(hidden)
+        steered[:, state["last"]:] = state["v"][:, None, :].to(hidden.dtype)  # left padding: same column
+        hidden = hidden + steered
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = hf.model.layers[layer].register_forward_hook(add)
     try:
         for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
             state["v"] = vectors[i:i + batch_size]
-            out.extend(generate_greedy(hf, tok, prompts[i:i + batch_size], max_new_tokens, batch_size))
+            state["last"] = max(len(tok(p).input_ids) for p in chunk) - 1
+            out.extend(generate_greedy(hf, tok, chunk, max_new_tokens, batch_size))
     finally:
         handle.remove()
     return out
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--read-layer", type=int, default=1, help="L': where the predictor reads")
     p.add_argument("--steer-layer", type=int, default=2, help="L*: where the vector is added")
     p.add_argument("--width", type=int, default=100, help="K, the predictor's hidden width")
-    p.add_argument("--alphas", default="1,2,4")
+    p.add_argument("--alphas", default="2,4,8,16")
     p.add_argument("--max-tokens", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="predictor training seed")
     args = p.parse_args(argv)
@@ -182,6 +187,7 @@ def main(argv=None) -> int:
     from benchmarks.organism.world import World, WorldConfig
     from vllm_steer.fit.l2s import L2STrainOptions
     from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
+    from vllm_steer.pack import load_pack
 
     t0 = time.time()
     out = Path(args.out)
@@ -233,15 +239,17 @@ def main(argv=None) -> int:
     z_norm = z.norm(dim=-1)
     trick = torch.tensor([is_trick(world, it["entity"]) for it in items])
     mean_cos = torch.nn.functional.cosine_similarity(z[trick].mean(0), z[~trick].mean(0), dim=0)
+    mean_s = load_pack(pack_path).l2s_mean
     result = {"organism": str(model), "pack": str(pack_path), "args": vars(args), "fit": record,
-              "oracle_target_norm_mean": float(z_norm.mean()),
+              "oracle_target_norm_mean": float(z_norm.mean()), "mean_s_norm": float(mean_s.norm()),
               "cosine_of_mean_trick_vs_straight_target": float(mean_cos),
               "rows": rows, "n_eval": len(items), "seconds": time.time() - t0}
     (out / "l2s_results.json").write_text(json.dumps(result, indent=2))
     print(f"\nL' = {args.read_layer}, L* = {args.steer_layer}, K = {args.width}; {len(items)} held-out prompts "
           f"(200 lying + 200 honest contexts; half straight, half trick entities), greedy {args.max_tokens} tokens")
     print(f"oracle targets: mean norm {float(z_norm.mean()):.3f}; cosine(mean trick target, mean straight "
-          f"target) = {float(mean_cos):.3f}")
+          f"target) = {float(mean_cos):.3f}; Mean-S norm {float(mean_s.norm()):.3f}; predictor validation "
+          f"cosine {record.get('val_cosine')}")
     print("\n| setting | engine | desired | straight | trick | honest ctx | lying ctx | well-formed |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

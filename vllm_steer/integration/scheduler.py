@@ -70,9 +70,14 @@ def scheduler_stats(scheduler) -> dict:
 
 
 def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
+    """Drop the tokens ``backtrack`` does not keep and send the request back to be recomputed.
+
+    A running request is preempted here. A request already preempted (KV pressure, under async
+    scheduling: its in-flight output arrived after the preemption) is only truncated; it resumes by
+    itself and recomputes from the kept tokens like any preempted request."""
     from vllm.v1.request import RequestStatus
 
-    assert request.status == RequestStatus.RUNNING
+    assert request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED), request.status
     num_drop = request.num_output_tokens - backtrack.keep
     if num_drop > 0:
         del request._output_token_ids[-num_drop:]
@@ -86,9 +91,10 @@ def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
     set_steering_cache_key(request, update.cache_key(spec))
     del request.block_hashes[update.steer_from // scheduler.hash_block_size :]
     request.update_block_hashes()
-    scheduler.running.remove(request)
-    scheduler._preempt_request(request, time.monotonic(), drop_stale_output=True)
-    scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
+    if request.status == RequestStatus.RUNNING:
+        scheduler.running.remove(request)
+        scheduler._preempt_request(request, time.monotonic(), drop_stale_output=True)
+        scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
     scheduler.__dict__["_vllm_steer_updates"].append(update)
     logger.debug(
         "vllm-steer: FASB backtrack of %s at score %.4f: kept %d generated tokens, steering from "
@@ -190,15 +196,19 @@ def install() -> None:
         state = ctl.requests.get(request.request_id) if ctl is not None else None
         if state is None:
             return original_update_request(self, request, new_token_ids, *args, **kwargs)
-        was_running = request.status == RequestStatus.RUNNING
+        # A preempted request gets output here only under async scheduling: the step in flight
+        # when KV pressure preempted it is delivered afterwards ("stale" output). It is checked
+        # like any other step, or FASB would skip the check that step carries.
+        status_before = request.status
         new_token_ids, stopped = original_update_request(self, request, new_token_ids, *args, **kwargs)
         score = self.__dict__["_vllm_steer_scores"].get(request.request_id)
-        if score is None or not was_running or not new_token_ids:
+        if (score is None or not new_token_ids
+                or status_before not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)):
             return new_token_ids, stopped
         backtrack = ctl.check(request.request_id, score, request.num_output_tokens, final=stopped)
         if backtrack is not None:
             if stopped:  # veto the stop: the request regenerates instead
-                request.status = RequestStatus.RUNNING
+                request.status = status_before
                 request.stop_reason = None
                 stopped = False
             self.__dict__["_vllm_steer_fired"].append((request, backtrack))
@@ -218,7 +228,8 @@ def install() -> None:
         finally:
             self.__dict__["_vllm_steer_scores"] = {}
         for request, backtrack in fired:
-            if request.status == RequestStatus.RUNNING and request.request_id in self.requests:
+            if (request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
+                    and request.request_id in self.requests):
                 _backtrack(self, request, backtrack)
         fired.clear()
         if ctl.requests:
