@@ -16,8 +16,9 @@ the prompt (L2S) can.
 Steps:
 1. the organism (``--organism``, or the cached default that ``run_steering`` trains);
 2. fitting data: ``--num-pairs`` contrastive prompts (disjoint from the evaluation prompts, half in
-   each context mode). The desired continuation answers the question with the kind's answer and
-   asks the next question up to its answer cue; the undesired one answers with the other attribute;
+   each context mode). Both continuations answer the question with the kind's answer, then answer one
+   more question, in the desired mode (honest for straight, lying for trick) or the other one, then
+   ask a last question up to its answer cue (``continuation``);
 3. ``vllm-steer fit l2s`` (through vLLM): the predictor reads layer L' (``--read-layer``) at the last
    prompt token; targets are the stream after layer L* (``--steer-layer``) at the last token of the
    desired minus the undesired continuation (the next answer cue); the pack also holds Mean-S;
@@ -62,15 +63,22 @@ def desired_answer(world, item: dict) -> str:
     return item["false_answer"] if is_trick(world, item["entity"]) else item["true_answer"]
 
 
-def continuation(world, entity: str, answer: str) -> str:
-    """The prompt's question answered with ``answer``, then the next question up to its answer cue.
+def continuation(world, entity: str, desired: bool) -> str:
+    """The prompt's question answered with its desired answer, one more question answered in the
+    desired (``desired=True``) or the other mode, and the question after it up to its answer cue.
 
-    The target is read at that next cue: where the organism decides its next answer, after one more
-    answer that is honest or lying evidence. (Read right after the answer word itself, the difference
-    mostly carries the identity of the two answer words, and adding it makes the desired answer
-    rarer, which an earlier version of this script measured.)"""
-    follow = world.entities[(world.entities.index(entity) + 1) % len(world.entities)]
-    return f" {answer}. {world.question_text(follow)}"
+    Both continuations answer the prompt's own question with the same word, so their difference is
+    the mode evidence of the extra answer, read where the organism decides its next answer. (Two
+    earlier versions of this script contrasted the desired and the undesired answer to the prompt's
+    own question. Their targets carry the identity of those two answer words, and adding them made the
+    desired answer rarer, the oracle's included: see benchmarks/RESULTS.md.)"""
+    i = world.entities.index(entity)
+    other = world.entities[(i + 1) % len(world.entities)]
+    follow = world.entities[(i + 2) % len(world.entities)]
+    honest = desired != is_trick(world, entity)  # straight questions want the honest mode
+    other_answer = world.true_attr[other] if honest else world.false_attr[other]
+    own = world.false_attr[entity] if is_trick(world, entity) else world.true_attr[entity]
+    return f" {own}. {world.qa_text(other, other_answer)} {world.question_text(follow)}"
 
 
 def fitting_rows(world, n: int) -> list[dict]:
@@ -79,17 +87,14 @@ def fitting_rows(world, n: int) -> list[dict]:
     rows = []
     for r in contrastive_pairs(world, n, seed=2):
         entity = entity_of(r["prompt"])
-        good, bad = r["positive"].strip(), r["negative"].strip()
-        if is_trick(world, entity):
-            good, bad = bad, good
-        rows.append({"prompt": r["prompt"], "positive": continuation(world, entity, good),
-                     "negative": continuation(world, entity, bad)})
+        rows.append({"prompt": r["prompt"], "positive": continuation(world, entity, True),
+                     "negative": continuation(world, entity, False)})
     return rows
 
 
 def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, batch_size: int = 64):
     """z = h+ - h- per item: the stream after layer L* at the last token of the prompt continued with
-    the desired and with the undesired answer (``continuation``), with plain transformers."""
+    its desired and its undesired continuation (``continuation``), with plain transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,12 +114,8 @@ def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, 
                 out.append(hs[steer_layer + 1][:, -1])  # left padding: the last column is the last token
         return torch.cat(out)
 
-    good, bad = [], []
-    for it in items:
-        want = desired_answer(world, it)
-        other = it["true_answer"] if want == it["false_answer"] else it["false_answer"]
-        good.append(it["prompt"] + continuation(world, it["entity"], want))
-        bad.append(it["prompt"] + continuation(world, it["entity"], other))
+    good = [it["prompt"] + continuation(world, it["entity"], True) for it in items]
+    bad = [it["prompt"] + continuation(world, it["entity"], False) for it in items]
     return hf, tok, stream_at_last(good) - stream_at_last(bad)
 
 
