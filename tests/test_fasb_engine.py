@@ -284,8 +284,10 @@ def _mixed_load_leaks_nothing(case, small, num_requests: int) -> None:
 
 
 def _small_engine(case, **overrides):
+    """An engine with a KV cache too small for the load. Eager: torch.compile is covered by ``case``'s
+    engine, and the load tests are about scheduling."""
     return make_llm(case.path, packs=list(case.packs.values()), block_size=32, num_gpu_blocks_override=14,
-                    disable_log_stats=False, **overrides)
+                    disable_log_stats=False, enforce_eager=True, **overrides)
 
 
 def test_mixed_load_with_kv_pressure_leaks_nothing(case):

@@ -65,8 +65,9 @@ def test_fit_truthfulqa_writes_a_pack_the_engine_uses(model, engine, small_truth
     assert meta["selected_val_accuracy"] == sorted(meta["selected_val_accuracy"], reverse=True)
     assert report.heatmap_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pack.manifest.residual_layers == [1, 2]
-    # The pack loads into a steering engine and changes the output.
-    llm = make_llm(model, packs=[out])
+    # The pack loads into a steering engine and changes the output (eager: compiled steering is
+    # covered by test_steering_parity and test_engine_behaviour).
+    llm = make_llm(model, packs=[out], enforce_eager=True)
     try:
         prompt = [{"prompt_token_ids": [5, 17, 33, 90, 200]}]
         plain = token_ids(llm.generate(prompt, greedy(8), use_tqdm=False))
