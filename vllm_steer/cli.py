@@ -37,9 +37,33 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--dtype", default="float32")
     fit.add_argument("--tensor-parallel-size", type=int, default=1)
 
+    ev = sub.add_parser("eval", help="TruthfulQA MC1/MC2/MC3 for several steering settings, sharded over "
+                                     "Ray actors or in this process; resumable")
+    ev.add_argument("--model", required=True, help="HF checkpoint folder")
+    ev.add_argument("--benchmark", choices=["truthfulqa_mc", "truthfulqa_gen"], default="truthfulqa_mc")
+    ev.add_argument("--data", required=True,
+                    help="TruthfulQA's mc_task.json (truthfulqa_mc) or TruthfulQA.csv (truthfulqa_gen)")
+    ev.add_argument("--max-tokens", type=int, default=50, help="truthfulqa_gen: new tokens per answer")
+    ev.add_argument("--instruction-file", help="truthfulqa_gen: the instruction text (default: the project's)")
+    ev.add_argument("--primer-file", help="truthfulqa_gen: the few-shot QA primer (default: the project's)")
+    ev.add_argument("--out", required=True, help="job folder (re-running with the same folder resumes)")
+    ev.add_argument("--pack", action="append", default=[], help="a steer pack to load (repeatable)")
+    ev.add_argument("--setting", action="append", default=[],
+                    help="'none' or a steering spec as JSON, e.g. '{\"pack\": \"truthful\", \"alpha\": 5}' "
+                         "(repeatable; default: none)")
+    ev.add_argument("--alphas", help="with one --setting: repeat it at each of these alphas (comma list)")
+    ev.add_argument("--shards", type=int, default=4)
+    ev.add_argument("--limit", type=int, help="the first N questions only")
+    ev.add_argument("--actors", type=int, default=0, help="Ray actors, one engine each (0: run in this process)")
+    ev.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--max-model-len", type=int, default=1024)
+
     args = parser.parse_args(argv)
     if args.command == "fit":
         return _run_fit(args)
+    if args.command == "eval":
+        return _run_eval(args)
     if args.command == "demo":
         from vllm_steer.demo import run_demo
 
@@ -119,3 +143,52 @@ def _run_fit_l2s(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.eval.job import EvalJob, Setting, run_job
+
+    try:
+        specs = []
+        for text in args.setting or ["none"]:
+            if text.strip().lower() == "none":
+                specs.append(None)
+                continue
+            try:
+                spec = json.loads(text)
+            except ValueError as exc:
+                raise SteeringError(f"--setting {text!r} is neither 'none' nor JSON: {exc}", field="--setting")
+            if not isinstance(spec, dict):
+                raise SteeringError(f"--setting {text!r} must be a JSON object", field="--setting")
+            specs.append(spec)
+        if args.alphas:
+            steered = [s for s in specs if s is not None]
+            if len(steered) != 1:
+                raise SteeringError("--alphas needs exactly one steered --setting", field="--alphas")
+            alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+            specs = [s for s in specs if s is None] + [{**steered[0], "alpha": a} for a in alphas]
+        from pathlib import Path
+
+        texts = {name: Path(path).read_text() if path else None
+                 for name, path in (("instruction", args.instruction_file), ("primer", args.primer_file))}
+        job = EvalJob(model=args.model, data=args.data, packs=tuple(args.pack), benchmark=args.benchmark,
+                      settings=tuple(Setting(s) for s in specs), num_shards=args.shards, limit=args.limit,
+                      engine={"dtype": args.dtype, "max_model_len": args.max_model_len},
+                      max_tokens=args.max_tokens, **texts)
+        report = run_job(job, args.out, num_actors=args.actors, ray_address=args.ray_address)
+    except SteeringError as exc:
+        print(f"vllm-steer eval: {exc}", file=sys.stderr)
+        return 2
+    for failure in report.failed:
+        print(f"vllm-steer eval: failed: {failure}", file=sys.stderr)
+    if not report.complete:
+        print(f"vllm-steer eval: {len(report.failed)} unit(s) failed; run the same command again to resume",
+              file=sys.stderr)
+        return 1
+    print((report.out / "summary.md").read_text(), end="")
+    print(f"results: {report.out / 'results.json'}; plot: {report.out / 'summary.png'}")
+    return 0
+

@@ -1,0 +1,335 @@
+"""An evaluation job: one model, several steering settings, items split into shards; shards run in this
+process or on Ray actors (each actor owns one vLLM engine with the plugin), and a job can resume.
+
+Layout of the output folder::
+
+    job.json                 the job's definition (a resumed job must match it)
+    shards/S-K.json          per-item results of setting S on shard K (written atomically)
+    results.json             every per-item result, by setting
+    summary.md, summary.json one row per setting: mean MC1/MC2/MC3 (truthfulqa_mc) or BLEU-acc,
+                             ROUGE-acc, length, no-comment rate (truthfulqa_gen), and n
+    summary.png              MC2 (or ROUGE-acc) vs alpha, one line per method
+
+A shard's items always go to the engine in one batch, so a shard gives the same numbers wherever it
+runs (in this process or on any actor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from vllm_steer.errors import SteeringError
+
+# benchmark -> (per-item metrics averaged in the summary, the one plotted against alpha)
+BENCHMARKS = {
+    "truthfulqa_mc": (("mc1", "mc2", "mc3"), "mc2"),
+    "truthfulqa_gen": (("bleu_acc", "rouge_acc", "length", "no_comment"), "rouge_acc"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the comparison: a steering spec for every item (None: unsteered)."""
+
+    spec: dict | None = None
+
+    @property
+    def label(self) -> str:
+        if self.spec is None:
+            return "none"
+        spec = self.spec
+        knobs = ", ".join(f"{k}={spec[k]}" for k in sorted(spec) if k not in ("pack", "method", "alpha"))
+        return f"{spec.get('method', 'iti')} {spec.get('pack')} alpha={spec.get('alpha', 1.0)}" + (
+            f" ({knobs})" if knobs else "")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    model: str
+    data: str  # TruthfulQA's mc_task.json (truthfulqa_mc) or TruthfulQA.csv (truthfulqa_gen)
+    packs: tuple[str, ...] = ()
+    settings: tuple[Setting, ...] = (Setting(),)
+    benchmark: str = "truthfulqa_mc"
+    num_shards: int = 4
+    limit: int | None = None  # the first N items only
+    engine: dict = field(default_factory=dict)  # extra LLM(...) arguments
+    max_tokens: int = 50  # truthfulqa_gen: new tokens per answer
+    instruction: str | None = None  # truthfulqa_gen: None = the project's default instruction
+    primer: str | None = None  # truthfulqa_gen: None = the project's default few-shot primer
+
+    def __post_init__(self):
+        if self.benchmark not in BENCHMARKS:
+            raise SteeringError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {self.benchmark!r}",
+                                field="benchmark")
+        if self.num_shards < 1:
+            raise SteeringError("num_shards must be >= 1", field="num_shards")
+        if not self.settings:
+            raise SteeringError("a job needs at least one setting", field="settings")
+
+    def to_json(self) -> dict:
+        """Plain JSON data (lists, not tuples), as stored in job.json."""
+        return json.loads(json.dumps({**asdict(self), "settings": [s.spec for s in self.settings]}))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> EvalJob:
+        raw = dict(raw)
+        raw["settings"] = tuple(Setting(s) for s in raw["settings"])
+        raw["packs"] = tuple(raw["packs"])
+        return cls(**raw)
+
+    @property
+    def needs_capture(self) -> bool:
+        """FASB's MC scoring reads head activations (generation runs FASB in the engine itself)."""
+        return self.benchmark == "truthfulqa_mc" and any(
+            s.spec is not None and s.spec.get("method") == "fasb" for s in self.settings)
+
+
+def shard_ranges(num_items: int, num_shards: int) -> list[range]:
+    """Contiguous, near-equal shards (the first ones one item longer)."""
+    num_shards = min(num_shards, max(num_items, 1))
+    base, extra = divmod(num_items, num_shards)
+    out, start = [], 0
+    for k in range(num_shards):
+        end = start + base + (k < extra)
+        out.append(range(start, end))
+        start = end
+    return out
+
+
+class ShardRunner:
+    """Owns one engine; runs (setting, shard) units. Used in-process and as the Ray actor class."""
+
+    def __init__(self, job_json: dict, llm=None) -> None:
+        from transformers import AutoTokenizer
+
+        from vllm_steer.eval.truthfulqa_gen import load_gen_questions
+        from vllm_steer.eval.truthfulqa_mc import load_mc_questions
+
+        self.job = EvalJob.from_json(job_json)
+        load = load_mc_questions if self.job.benchmark == "truthfulqa_mc" else load_gen_questions
+        self.questions = load(self.job.data)
+        if self.job.limit is not None:
+            self.questions = self.questions[: self.job.limit]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.job.model)
+        self.llm = llm if llm is not None else self._engine()  # a given engine must load the job's packs
+        self.packs = {}
+        if self.job.packs:
+            from vllm_steer.pack import load_pack
+
+            for path in self.job.packs:
+                pack = load_pack(path)
+                self.packs[pack.name] = pack
+
+    def _engine(self):
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=self.job.model, seed=0)
+        steering: dict[str, Any] = {"packs": list(self.job.packs)}
+        if self.job.needs_capture:  # FASB's MC scoring reads head activations
+            steering["capture"] = True
+            kwargs.update(enforce_eager=True, enable_prefix_caching=False)
+        kwargs.update(self.job.engine)
+        return LLM(**kwargs, additional_config={"steering": steering})
+
+    def run(self, setting_index: int, shard: int) -> list[dict]:
+        setting = self.job.settings[setting_index]
+        items = shard_ranges(len(self.questions), self.job.num_shards)[shard]
+        questions = [self.questions[i] for i in items]
+        if self.job.benchmark == "truthfulqa_gen":
+            from vllm_steer.eval.truthfulqa_gen import DEFAULT_INSTRUCTION, DEFAULT_PRIMER, evaluate_generation
+
+            rows = evaluate_generation(
+                self.llm, questions, setting.spec, max_tokens=self.job.max_tokens,
+                instruction=DEFAULT_INSTRUCTION if self.job.instruction is None else self.job.instruction,
+                primer=DEFAULT_PRIMER if self.job.primer is None else self.job.primer)
+            return [{"item": i, **row} for i, row in zip(items, rows)]
+        from vllm_steer.eval.truthfulqa_mc import evaluate_mc
+
+        pack = self.packs.get(setting.spec["pack"]) if setting.spec else None
+        results = evaluate_mc(self.llm, self.tokenizer, questions, setting.spec, pack=pack)
+        return [{"item": i, "question": r.question, "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3, "scores": r.scores}
+                for i, r in zip(items, results)]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class JobReport:
+    done: int  # units finished in this run
+    skipped: int  # units found finished on disk (resume)
+    failed: list[str]  # "setting S shard K: why"
+    out: Path
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _prepare(job: EvalJob, out: Path) -> list[tuple[int, int]]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(exist_ok=True)
+    definition = out / "job.json"
+    if definition.exists():
+        if json.loads(definition.read_text()) != job.to_json():
+            raise SteeringError(f"{out} holds another job (job.json differs); use a new folder", field="out")
+    else:
+        _write_atomic(definition, json.dumps(job.to_json(), indent=2))
+    return [(s, k) for s in range(len(job.settings)) for k in range(job.num_shards)]
+
+
+def _shard_file(out: Path, setting: int, shard: int) -> Path:
+    return out / "shards" / f"{setting}-{shard}.json"
+
+
+def run_job(
+    job: EvalJob,
+    out: str | Path,
+    *,
+    num_actors: int = 0,
+    ray_address: str | None = None,
+    progress: bool = True,
+    on_unit_done: Callable[[int, int, Any], None] | None = None,
+    runner: ShardRunner | None = None,
+) -> JobReport:
+    """Run every unfinished (setting, shard) unit; ``num_actors=0`` runs them in this process.
+
+    ``on_unit_done(setting, shard, actor)`` is called after each unit is saved (``actor`` is None
+    in-process). ``runner``: an in-process runner to reuse (its engine) instead of building one. A failed unit (e.g. its actor died) is reported in ``JobReport.failed``; the others
+    still run, and a later run with the same ``out`` redoes only the missing units."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    units = _prepare(job, out)
+    todo = [u for u in units if not _shard_file(out, *u).exists()]
+    report = JobReport(done=0, skipped=len(units) - len(todo), failed=[], out=out)
+    bar = tqdm(total=len(units), initial=report.skipped, desc="eval shards", disable=not progress)
+
+    def save(unit, rows):
+        _write_atomic(_shard_file(out, *unit), json.dumps(rows))
+        report.done += 1
+        bar.update(1)
+
+    if todo and num_actors <= 0:
+        runner = runner if runner is not None else ShardRunner(job.to_json())
+        for unit in todo:
+            save(unit, runner.run(*unit))
+            if on_unit_done is not None:
+                on_unit_done(*unit, None)
+    elif todo:
+        _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done)
+    bar.close()
+    if report.complete:
+        write_summary(job, out)
+    return report
+
+
+def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) -> None:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Actors start engines of their own: pass on the settings vLLM and HF read from the environment.
+        env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TOKENIZERS_", "OMP_"))}
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
+                 runtime_env={"env_vars": env} if env else None)
+    try:
+        actor_cls = ray.remote(num_cpus=0)(ShardRunner)
+        actors = [actor_cls.remote(job.to_json()) for _ in range(min(num_actors, len(todo)))]
+        queue = list(todo)
+        running: dict[Any, tuple[tuple[int, int], Any]] = {}
+        idle = list(actors)
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                unit = queue.pop(0)
+                running[actor.run.remote(*unit)] = (unit, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                unit, actor = running.pop(ref)
+                try:
+                    rows = ray.get(ref)
+                except Exception as exc:  # the actor died or the unit raised: report it, go on
+                    report.failed.append(f"setting {unit[0]} shard {unit[1]}: {type(exc).__name__}: {exc}")
+                    continue
+                save(unit, rows)
+                idle.append(actor)
+                if on_unit_done is not None:
+                    on_unit_done(*unit, actor)
+            if not idle and not running and queue:  # every actor is gone
+                report.failed += [f"setting {s} shard {k}: not run (no live actor)" for s, k in queue]
+                queue.clear()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def collect_results(job: EvalJob, out: Path) -> list[list[dict]]:
+    """Per setting, every per-item result in item order."""
+    per_setting = []
+    for s in range(len(job.settings)):
+        rows = []
+        for k in range(job.num_shards):
+            rows += json.loads(_shard_file(out, s, k).read_text())
+        per_setting.append(sorted(rows, key=lambda r: r["item"]))
+    return per_setting
+
+
+def summarize(job: EvalJob, per_setting: Sequence[list[dict]]) -> list[dict]:
+    metrics, _ = BENCHMARKS[job.benchmark]
+    rows = []
+    for setting, results in zip(job.settings, per_setting):
+        n = len(results)
+        rows.append({"setting": setting.label, "spec": setting.spec, "n": n,
+                     **{m: sum(r[m] for r in results) / n for m in metrics}})
+    return rows
+
+
+def write_summary(job: EvalJob, out: Path) -> list[dict]:
+    metrics, plotted = BENCHMARKS[job.benchmark]
+    per_setting = collect_results(job, out)
+    rows = summarize(job, per_setting)
+    _write_atomic(out / "results.json", json.dumps(
+        [{"setting": s.label, "spec": s.spec, "items": r} for s, r in zip(job.settings, per_setting)]))
+    _write_atomic(out / "summary.json", json.dumps(rows, indent=2))
+    lines = ["| setting | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines += [f"| {r['setting']} | {r['n']} | " + " | ".join(f"{r[m]:.4f}" for m in metrics) + " |" for r in rows]
+    _write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    _plot(rows, plotted, out / "summary.png")
+    return rows
+
+
+def _plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    baseline = [r[metric] for r in rows if r["spec"] is None]
+    if baseline:
+        ax.axhline(baseline[0], color="grey", linestyle="--", label="none")
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["spec"] is not None:
+            key = f"{r['spec'].get('method', 'iti')} ({r['spec'].get('pack')})"
+            by_method.setdefault(key, []).append((float(r["spec"].get("alpha", 1.0)), r[metric]))
+    for key, points in sorted(by_method.items()):
+        points.sort()
+        ax.plot([a for a, _ in points], [m for _, m in points], marker="o", label=key)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
