@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="'none' or a steering spec as JSON, e.g. '{\"pack\": \"truthful\", \"alpha\": 5}' "
                          "(repeatable; default: none)")
     ev.add_argument("--alphas", help="with one --setting: repeat it at each of these alphas (comma list)")
+    ev.add_argument("--folds", type=int, default=1,
+                    help="K-fold: question q is scored with pack '<pack>.fold<k>' for its fold k (by its text)")
+    ev.add_argument("--fold-seed", type=int, default=0)
+    ev.add_argument("--fit-folds", metavar="NAME",
+                    help="first fit one pack per fold on the other folds' questions of --fit-data (default: "
+                         "--data, an mc_task.json), named NAME.fold<k>, into <out>/packs; settings name NAME")
+    ev.add_argument("--fit-data", help="with --fit-folds: TruthfulQA's mc_task.json")
+    ev.add_argument("--fit-k", type=int, default=48, help="with --fit-folds: K heads per pack")
     ev.add_argument("--shards", type=int, default=4)
     ev.add_argument("--limit", type=int, help="the first N questions only")
     ev.add_argument("--actors", type=int, default=0, help="Ray actors, one engine each (0: run in this process)")
@@ -174,7 +182,19 @@ def _run_eval(args) -> int:
 
         texts = {name: Path(path).read_text() if path else None
                  for name, path in (("instruction", args.instruction_file), ("primer", args.primer_file))}
-        job = EvalJob(model=args.model, data=args.data, packs=tuple(args.pack), benchmark=args.benchmark,
+        packs = list(args.pack)
+        if args.fit_folds:
+            from vllm_steer.eval.folds import fit_fold_packs
+            from vllm_steer.fit.pipeline import FitOptions
+
+            if args.folds < 2:
+                raise SteeringError("--fit-folds needs --folds 2 or more", field="--folds")
+            packs += map(str, fit_fold_packs(
+                args.model, args.fit_data or args.data, args.folds, args.fold_seed, Path(args.out) / "packs",
+                FitOptions(name=args.fit_folds, num_heads=args.fit_k, max_model_len=args.max_model_len,
+                           llm_kwargs={"dtype": args.dtype})))
+        job = EvalJob(model=args.model, data=args.data, packs=tuple(packs), benchmark=args.benchmark,
+                      folds=args.folds, fold_seed=args.fold_seed,
                       settings=tuple(Setting(s) for s in specs), num_shards=args.shards, limit=args.limit,
                       engine={"dtype": args.dtype, "max_model_len": args.max_model_len},
                       max_tokens=args.max_tokens, **texts)

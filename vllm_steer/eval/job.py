@@ -60,6 +60,8 @@ class EvalJob:
     max_tokens: int = 50  # truthfulqa_gen: new tokens per answer
     instruction: str | None = None  # truthfulqa_gen: None = the project's default instruction
     primer: str | None = None  # truthfulqa_gen: None = the project's default few-shot primer
+    folds: int = 1  # > 1: question q is scored with pack "{spec pack}.fold{fold_of(q)}" (eval.folds)
+    fold_seed: int = 0
 
     def __post_init__(self):
         if self.benchmark not in BENCHMARKS:
@@ -69,6 +71,8 @@ class EvalJob:
             raise SteeringError("num_shards must be >= 1", field="num_shards")
         if not self.settings:
             raise SteeringError("a job needs at least one setting", field="settings")
+        if self.folds < 1:
+            raise SteeringError("folds must be >= 1", field="folds")
 
     def to_json(self) -> dict:
         """Plain JSON data (lists, not tuples), as stored in job.json."""
@@ -136,23 +140,38 @@ class ShardRunner:
         return LLM(**kwargs, additional_config={"steering": steering})
 
     def run(self, setting_index: int, shard: int) -> list[dict]:
+        """Per-item results of one setting on one shard, in item order. With folds, each fold's
+        questions go to the engine as one batch, with that fold's pack."""
+        from vllm_steer.eval.folds import fold_of, fold_pack_name
+
         setting = self.job.settings[setting_index]
-        items = shard_ranges(len(self.questions), self.job.num_shards)[shard]
-        questions = [self.questions[i] for i in items]
+        items = list(shard_ranges(len(self.questions), self.job.num_shards)[shard])
+        groups: dict[int, list[int]] = {}
+        for i in items:
+            fold = fold_of(self.questions[i].question, self.job.folds, self.job.fold_seed) if self.job.folds > 1 else 0
+            groups.setdefault(fold, []).append(i)
+        rows: dict[int, dict] = {}
+        for fold, members in sorted(groups.items()):
+            spec = setting.spec
+            if spec is not None and self.job.folds > 1:
+                spec = {**spec, "pack": fold_pack_name(spec["pack"], fold)}
+            for i, row in zip(members, self._evaluate([self.questions[i] for i in members], spec)):
+                rows[i] = {"item": i, **({"fold": fold} if self.job.folds > 1 else {}), **row}
+        return [rows[i] for i in items]
+
+    def _evaluate(self, questions, spec: dict | None) -> list[dict]:
         if self.job.benchmark == "truthfulqa_gen":
             from vllm_steer.eval.truthfulqa_gen import DEFAULT_INSTRUCTION, DEFAULT_PRIMER, evaluate_generation
 
-            rows = evaluate_generation(
-                self.llm, questions, setting.spec, max_tokens=self.job.max_tokens,
+            return evaluate_generation(
+                self.llm, questions, spec, max_tokens=self.job.max_tokens,
                 instruction=DEFAULT_INSTRUCTION if self.job.instruction is None else self.job.instruction,
                 primer=DEFAULT_PRIMER if self.job.primer is None else self.job.primer)
-            return [{"item": i, **row} for i, row in zip(items, rows)]
         from vllm_steer.eval.truthfulqa_mc import evaluate_mc
 
-        pack = self.packs.get(setting.spec["pack"]) if setting.spec else None
-        results = evaluate_mc(self.llm, self.tokenizer, questions, setting.spec, pack=pack)
-        return [{"item": i, "question": r.question, "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3, "scores": r.scores}
-                for i, r in zip(items, results)]
+        pack = self.packs.get(spec["pack"]) if spec else None
+        return [{"question": r.question, "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3, "scores": r.scores}
+                for r in evaluate_mc(self.llm, self.tokenizer, questions, spec, pack=pack)]
 
     def pid(self) -> int:
         return os.getpid()
