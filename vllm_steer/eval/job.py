@@ -256,15 +256,16 @@ def run_job(
 def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) -> None:
     import ray
 
+    # Actors start engines of their own: pass on the settings vLLM and HF read from the environment.
+    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TOKENIZERS_", "OMP_"))}
     started_here = not ray.is_initialized()
     if started_here:
-        # Actors start engines of their own: pass on the settings vLLM and HF read from the environment.
-        env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TOKENIZERS_", "OMP_"))}
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
     try:
         actor_cls = ray.remote(num_cpus=0)(ShardRunner)
-        actors = [actor_cls.remote(job.to_json()) for _ in range(min(num_actors, len(todo)))]
+        count = min(num_actors, len(todo))
+        actors = [actor_cls.options(runtime_env={"env_vars": {**env, **_cpu_binding(i, count)}}).remote(job.to_json())
+                  for i in range(count)]
         queue = list(todo)
         running: dict[Any, tuple[tuple[int, int], Any]] = {}
         idle = list(actors)
@@ -291,6 +292,19 @@ def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) 
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _cpu_binding(index: int, count: int) -> dict:
+    """On a machine without GPUs, give each actor's engine its own CPU cores: vLLM's CPU worker binds
+    its threads to cores by itself, and engines started side by side would pick the same ones.
+    Nothing is set when the user set ``VLLM_CPU_OMP_THREADS_BIND`` or a GPU is visible."""
+    import torch
+
+    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    share = cores[index::count] if len(cores) >= count else [cores[index % len(cores)]]
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share))}
 
 
 def collect_results(job: EvalJob, out: Path) -> list[list[dict]]:
