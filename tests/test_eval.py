@@ -26,7 +26,7 @@ ALPHA = 6.0
 def test_shards_cover_every_item_once():
     for n, k in ((10, 3), (3, 5), (0, 2), (7, 7)):
         ranges = shard_ranges(n, k)
-        assert [i for r in ranges for i in r] == list(range(n))
+        assert len(ranges) == k and [i for r in ranges for i in r] == list(range(n))
         assert max(len(r) for r in ranges) - min(len(r) for r in ranges) <= 1
 
 
@@ -209,3 +209,30 @@ def test_eval_command_refuses_bad_settings_before_starting_anything(tmp_path, ca
     assert main(base + ["--fit-folds", "tq"]) == 2
     assert "--fit-folds needs --folds 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_short_answer_benchmark_reports_rates_overall_and_per_group(job, runner, tmp_path):
+    from vllm_steer.eval.short_answer import first_word, load_short_answer_items
+
+    # Items whose true answer is what the unsteered tiny model says first: truthful 1 unsteered.
+    from vllm import SamplingParams
+
+    prompts = ["hello there", "the cat", "one two three", "a b c d"]
+    said = [first_word(o.outputs[0].text) for o in runner.llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "true_answer": s or "none", "false_answer": "zzz",
+                                        "group": ["a", "b"][i % 2], "valid_answers": [s or "none", "zzz"]}) + "\n"
+                            for i, (p, s) in enumerate(zip(prompts, said))))
+    assert len(load_short_answer_items(data)) == 4
+    short = EvalJob(model=job.model, data=str(data), packs=job.packs, benchmark="short_answer", settings=job.settings,
+                    num_shards=3, max_tokens=6, engine=job.engine)
+    report = run_job(short, tmp_path / "out", progress=False, runner=ShardRunner(short.to_json(), llm=runner.llm))
+    assert report.complete
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    answered = [s is not None for s in said]
+    assert rows[0]["truthful"] == sum(answered) / 4 and rows[0]["well_formed"] == sum(answered) / 4
+    assert rows[0]["expected_false"] == 0.0
+    assert rows[0]["truthful[a]"] == sum(answered[0::2]) / 2 and rows[0]["truthful[b]"] == sum(answered[1::2]) / 2
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| setting | n | truthful | expected_false | well_formed | truthful[a] | truthful[b] |" in summary

@@ -197,3 +197,36 @@ def test_fit_l2s_writes_a_pack_with_predictor_and_mean_s(model, engine, tmp_path
         fit_l2s_pack(str(model), data, tmp_path / "x.safetensors",
                      L2SFitOptions(name="x", read_layer=99, steer_layer=1), llm=engine)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_fold_packs_are_fitted_without_their_folds_questions(model, engine, small_truthfulqa, tmp_path):
+    from vllm_steer.eval.folds import fit_fold_packs, fold_of
+
+    options = FitOptions(name="tqa", num_heads=3, residual_layers="none", progress=False, max_model_len=512)
+    paths = fit_fold_packs(str(model), small_truthfulqa, 2, 0, tmp_path, options, llm=engine)
+    questions = [e["question"] for e in json.loads(small_truthfulqa.read_text())]
+    for k, path in enumerate(paths):
+        assert load_pack(path).name == f"tqa.fold{k}"
+        train = [e["question"] for e in json.loads((tmp_path / f"tqa.fold{k}.train.json").read_text())]
+        assert train == [q for q in questions if fold_of(q, 2) != k] and 0 < len(train) < len(questions)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert fit_fold_packs(str(model), small_truthfulqa, 2, 0, tmp_path, options, llm=engine) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == stamps  # kept, not refitted
+
+
+def test_eval_job_scores_fasb_mc_on_the_capture_engine(model, engine, probed_pack, small_truthfulqa, tmp_path):
+    from transformers import AutoTokenizer
+
+    from vllm_steer.eval.job import EvalJob, Setting, ShardRunner, run_job
+    from vllm_steer.eval.truthfulqa_mc import evaluate_mc, load_mc_questions
+
+    spec = {"pack": "probed", "method": "fasb", "alpha": 8.0, "threshold": 0.6, "backtrack": 2}
+    job = EvalJob(model=str(model), data=str(small_truthfulqa), packs=(str(probed_pack),),
+                  settings=(Setting(spec),), num_shards=2, limit=4)
+    assert job.needs_capture
+    report = run_job(job, tmp_path, progress=False, runner=ShardRunner(job.to_json(), llm=engine))
+    assert report.complete
+    items = json.loads((tmp_path / "results.json").read_text())[0]["items"]
+    direct = evaluate_mc(engine, AutoTokenizer.from_pretrained(str(model)), load_mc_questions(small_truthfulqa)[:4],
+                         spec, pack=load_pack(probed_pack))
+    assert [r["scores"] for r in items] == [pytest.approx(d.scores, abs=1e-4) for d in direct]

@@ -217,3 +217,24 @@ def test_train_smoke_and_cache(tmp_path):
     model, tok, world, _ = load_organism(path)
     r = evaluate_items(model, tok, world.eval_items("lying"), world.attributes)
     assert r["n"] == 4 and len(r["answers"]) == 4 and r["true_logprob"] < 0
+
+
+def test_exported_items_load_as_short_answer_items_and_score_like_the_organism(world, tmp_path):
+    from benchmarks.organism.export_items import organism_items
+    from vllm_steer.eval.short_answer import load_short_answer_items, score_item
+
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in organism_items(world)))
+    items = load_short_answer_items(path)
+    lying = world.eval_items("lying")
+    assert len(items) == 2 * len(lying) and [it.group for it in items[:2]] == ["lying", "lying"]
+    # the job's per-item scores agree with the organism's own scorer
+    answers = [it["true_answer"] if i % 3 == 0 else it["false_answer"] if i % 3 == 1 else "nonsense"
+               for i, it in enumerate(lying)]
+    ours = [score_item(a, it) for a, it in zip(answers, items[: len(lying)])]
+    theirs = score_answers(answers, lying, world.attributes)
+    n = len(lying)
+    assert sum(r["truthful"] for r in ours) / n == theirs["truthful_rate"]
+    assert sum(r["expected_false"] for r in ours) / n == theirs["expected_lie_rate"]
+    assert sum(r["well_formed"] for r in ours) / n == theirs["well_formed_rate"]
+    assert all(r["truthful[lying]"] == r["truthful"] for r in ours)

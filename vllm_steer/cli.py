@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="TruthfulQA MC1/MC2/MC3 for several steering settings, sharded over "
                                      "Ray actors or in this process; resumable")
     ev.add_argument("--model", required=True, help="HF checkpoint folder")
-    ev.add_argument("--benchmark", choices=["truthfulqa_mc", "truthfulqa_gen"], default="truthfulqa_mc")
+    ev.add_argument("--benchmark", choices=["truthfulqa_mc", "truthfulqa_gen", "short_answer"],
+                    default="truthfulqa_mc")
     ev.add_argument("--data", required=True,
-                    help="TruthfulQA's mc_task.json (truthfulqa_mc) or TruthfulQA.csv (truthfulqa_gen)")
-    ev.add_argument("--max-tokens", type=int, default=50, help="truthfulqa_gen: new tokens per answer")
+                    help="TruthfulQA's mc_task.json (truthfulqa_mc), TruthfulQA.csv (truthfulqa_gen) or a "
+                         "short-answer JSONL (short_answer, e.g. from benchmarks/organism/export_items.py)")
+    ev.add_argument("--max-tokens", type=int, default=50, help="truthfulqa_gen / short_answer: new tokens per answer")
     ev.add_argument("--instruction-file", help="truthfulqa_gen: the instruction text (default: the project's)")
     ev.add_argument("--primer-file", help="truthfulqa_gen: the few-shot QA primer (default: the project's)")
     ev.add_argument("--out", required=True, help="job folder (re-running with the same folder resumes)")

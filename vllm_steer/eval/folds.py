@@ -32,9 +32,11 @@ def write_training_split(mc_task: str | Path, fold: int, folds: int, seed: int, 
     return len(kept)
 
 
-def fit_fold_packs(model: str, mc_task: str | Path, folds: int, seed: int, out_dir: str | Path, options) -> list[Path]:
+def fit_fold_packs(model: str, mc_task: str | Path, folds: int, seed: int, out_dir: str | Path, options,
+                   llm=None) -> list[Path]:
     """One pack per fold, each fitted (``fit.pipeline``) on the other folds' questions; ``options`` is
-    a ``FitOptions`` whose ``name`` becomes ``{name}.fold{k}``. Existing packs are kept (resume)."""
+    a ``FitOptions`` whose ``name`` becomes ``{name}.fold{k}``. Existing packs are kept (resume).
+    ``llm``: an existing capture engine to fit with (otherwise each fit starts one)."""
     from dataclasses import replace
 
     from vllm_steer.fit.pipeline import fit_steer_pack
@@ -48,6 +50,6 @@ def fit_fold_packs(model: str, mc_task: str | Path, folds: int, seed: int, out_d
         if not path.exists():
             data = out_dir / f"{name}.train.json"
             write_training_split(mc_task, k, folds, seed, data)
-            fit_steer_pack(model, data, path, replace(options, name=name))
+            fit_steer_pack(model, data, path, replace(options, name=name), llm=llm)
         paths.append(path)
     return paths

@@ -6,9 +6,11 @@ Layout of the output folder::
     job.json                 the job's definition (a resumed job must match it)
     shards/S-K.json          per-item results of setting S on shard K (written atomically)
     results.json             every per-item result, by setting
-    summary.md, summary.json one row per setting: mean MC1/MC2/MC3 (truthfulqa_mc) or BLEU-acc,
-                             ROUGE-acc, length, no-comment rate (truthfulqa_gen), and n
-    summary.png              MC2 (or ROUGE-acc) vs alpha, one line per method
+    summary.md, summary.json one row per setting: mean MC1/MC2/MC3 (truthfulqa_mc); BLEU-acc,
+                             ROUGE-acc, length, no-comment rate (truthfulqa_gen); truthful,
+                             expected-false and well-formed rates, also per item group
+                             (short_answer, e.g. the organism); and n
+    summary.png              MC2 (ROUGE-acc, truthful rate) vs alpha, one line per method
 
 A shard's items always go to the engine in one batch, so a shard gives the same numbers wherever it
 runs (in this process or on any actor).
@@ -28,6 +30,7 @@ from vllm_steer.errors import SteeringError
 BENCHMARKS = {
     "truthfulqa_mc": (("mc1", "mc2", "mc3"), "mc2"),
     "truthfulqa_gen": (("bleu_acc", "rouge_acc", "length", "no_comment"), "rouge_acc"),
+    "short_answer": (("truthful", "expected_false", "well_formed"), "truthful"),
 }
 
 
@@ -50,14 +53,14 @@ class Setting:
 @dataclass(frozen=True)
 class EvalJob:
     model: str
-    data: str  # TruthfulQA's mc_task.json (truthfulqa_mc) or TruthfulQA.csv (truthfulqa_gen)
+    data: str  # mc_task.json (truthfulqa_mc), TruthfulQA.csv (truthfulqa_gen), items JSONL (short_answer)
     packs: tuple[str, ...] = ()
     settings: tuple[Setting, ...] = (Setting(),)
     benchmark: str = "truthfulqa_mc"
     num_shards: int = 4
     limit: int | None = None  # the first N items only
     engine: dict = field(default_factory=dict)  # extra LLM(...) arguments
-    max_tokens: int = 50  # truthfulqa_gen: new tokens per answer
+    max_tokens: int = 50  # truthfulqa_gen / short_answer: new tokens per answer
     instruction: str | None = None  # truthfulqa_gen: None = the project's default instruction
     primer: str | None = None  # truthfulqa_gen: None = the project's default few-shot primer
     folds: int = 1  # > 1: question q is scored with pack "{spec pack}.fold{fold_of(q)}" (eval.folds)
@@ -93,8 +96,8 @@ class EvalJob:
 
 
 def shard_ranges(num_items: int, num_shards: int) -> list[range]:
-    """Contiguous, near-equal shards (the first ones one item longer)."""
-    num_shards = min(num_shards, max(num_items, 1))
+    """``num_shards`` contiguous, near-equal shards (the first ones one item longer; empty ones when
+    there are fewer items than shards)."""
     base, extra = divmod(num_items, num_shards)
     out, start = [], 0
     for k in range(num_shards):
@@ -110,11 +113,13 @@ class ShardRunner:
     def __init__(self, job_json: dict, llm=None) -> None:
         from transformers import AutoTokenizer
 
+        from vllm_steer.eval.short_answer import load_short_answer_items
         from vllm_steer.eval.truthfulqa_gen import load_gen_questions
         from vllm_steer.eval.truthfulqa_mc import load_mc_questions
 
         self.job = EvalJob.from_json(job_json)
-        load = load_mc_questions if self.job.benchmark == "truthfulqa_mc" else load_gen_questions
+        load = {"truthfulqa_mc": load_mc_questions, "truthfulqa_gen": load_gen_questions,
+                "short_answer": load_short_answer_items}[self.job.benchmark]
         self.questions = load(self.job.data)
         if self.job.limit is not None:
             self.questions = self.questions[: self.job.limit]
@@ -146,6 +151,8 @@ class ShardRunner:
 
         setting = self.job.settings[setting_index]
         items = list(shard_ranges(len(self.questions), self.job.num_shards)[shard])
+        if not items:
+            return []
         groups: dict[int, list[int]] = {}
         for i in items:
             fold = fold_of(self.questions[i].question, self.job.folds, self.job.fold_seed) if self.job.folds > 1 else 0
@@ -160,6 +167,10 @@ class ShardRunner:
         return [rows[i] for i in items]
 
     def _evaluate(self, questions, spec: dict | None) -> list[dict]:
+        if self.job.benchmark == "short_answer":
+            from vllm_steer.eval.short_answer import evaluate_short_answers
+
+            return evaluate_short_answers(self.llm, questions, spec, max_tokens=self.job.max_tokens)
         if self.job.benchmark == "truthfulqa_gen":
             from vllm_steer.eval.truthfulqa_gen import DEFAULT_INSTRUCTION, DEFAULT_PRIMER, evaluate_generation
 
@@ -318,19 +329,30 @@ def collect_results(job: EvalJob, out: Path) -> list[list[dict]]:
     return per_setting
 
 
-def summarize(job: EvalJob, per_setting: Sequence[list[dict]]) -> list[dict]:
+def _summary_metrics(job: EvalJob, per_setting: Sequence[list[dict]]) -> list[str]:
+    """The benchmark's metrics, then per-group ones (``truthful[lying]``) found in the items."""
     metrics, _ = BENCHMARKS[job.benchmark]
+    grouped = sorted({k for results in per_setting for r in results for k in r if k.endswith("]") and "[" in k})
+    return list(metrics) + grouped
+
+
+def summarize(job: EvalJob, per_setting: Sequence[list[dict]]) -> list[dict]:
+    """One row per setting: each metric's mean over the items that carry it."""
+    metrics = _summary_metrics(job, per_setting)
     rows = []
     for setting, results in zip(job.settings, per_setting):
-        n = len(results)
-        rows.append({"setting": setting.label, "spec": setting.spec, "n": n,
-                     **{m: sum(r[m] for r in results) / n for m in metrics}})
+        row = {"setting": setting.label, "spec": setting.spec, "n": len(results)}
+        for m in metrics:
+            values = [r[m] for r in results if r.get(m) is not None]
+            row[m] = sum(values) / len(values) if values else float("nan")
+        rows.append(row)
     return rows
 
 
 def write_summary(job: EvalJob, out: Path) -> list[dict]:
-    metrics, plotted = BENCHMARKS[job.benchmark]
+    _, plotted = BENCHMARKS[job.benchmark]
     per_setting = collect_results(job, out)
+    metrics = _summary_metrics(job, per_setting)
     rows = summarize(job, per_setting)
     _write_atomic(out / "results.json", json.dumps(
         [{"setting": s.label, "spec": s.spec, "items": r} for s, r in zip(job.settings, per_setting)]))
