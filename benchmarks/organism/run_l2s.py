@@ -11,7 +11,8 @@ the organism answers truthfully in honest contexts and with the decoy in lying o
 answers are the desired ones. To get all of them right a steering vector must push towards the honest
 mode for straight questions and towards the lying mode for trick questions: the opposite direction.
 One fixed vector (Mean-S, the mean of the training targets) cannot do both; a vector predicted from
-the prompt (L2S) can.
+the prompt (L2S) could, if its targets point the right way (on this organism they do not: see
+benchmarks/RESULTS.md).
 
 Steps:
 1. the organism (``--organism``, or the cached default that ``run_steering`` trains);

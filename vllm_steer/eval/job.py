@@ -184,10 +184,6 @@ class ShardRunner:
         return [{"question": r.question, "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3, "scores": r.scores}
                 for r in evaluate_mc(self.llm, self.tokenizer, questions, spec, pack=pack)]
 
-    def pid(self) -> int:
-        return os.getpid()
-
-
 @dataclass
 class JobReport:
     done: int  # units finished in this run
@@ -235,8 +231,9 @@ def run_job(
     """Run every unfinished (setting, shard) unit; ``num_actors=0`` runs them in this process.
 
     ``on_unit_done(setting, shard, actor)`` is called after each unit is saved (``actor`` is None
-    in-process). ``runner``: an in-process runner to reuse (its engine) instead of building one. A failed unit (e.g. its actor died) is reported in ``JobReport.failed``; the others
-    still run, and a later run with the same ``out`` redoes only the missing units."""
+    in-process). ``runner``: an in-process runner to reuse (its engine) instead of building one.
+    A failed unit (e.g. its actor died) is reported in ``JobReport.failed``; the others still run,
+    and a later run with the same ``out`` redoes only the missing units."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -275,8 +272,15 @@ def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) 
     try:
         actor_cls = ray.remote(num_cpus=0)(ShardRunner)
         count = min(num_actors, len(todo))
-        actors = [actor_cls.options(runtime_env={"env_vars": {**env, **_cpu_binding(i, count)}}).remote(job.to_json())
-                  for i in range(count)]
+        # One GPU per actor where the cluster has GPUs (Ray sets each actor's CUDA_VISIBLE_DEVICES);
+        # otherwise disjoint CPU cores per actor.
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        actors = [
+            actor_cls.options(num_gpus=1 if gpus else 0,
+                              runtime_env={"env_vars": {**env, **({} if gpus else _cpu_binding(i, count))}})
+            .remote(job.to_json())
+            for i in range(count)
+        ]
         queue = list(todo)
         running: dict[Any, tuple[tuple[int, int], Any]] = {}
         idle = list(actors)
@@ -306,12 +310,10 @@ def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) 
 
 
 def _cpu_binding(index: int, count: int) -> dict:
-    """On a machine without GPUs, give each actor's engine its own CPU cores: vLLM's CPU worker binds
-    its threads to cores by itself, and engines started side by side would pick the same ones.
-    Nothing is set when the user set ``VLLM_CPU_OMP_THREADS_BIND`` or a GPU is visible."""
-    import torch
-
-    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    """Without GPUs, give each actor's engine its own CPU cores: vLLM's CPU worker binds its threads
+    to cores by itself, and engines started side by side would pick the same ones. Nothing is set
+    when the user set ``VLLM_CPU_OMP_THREADS_BIND``. (Cores of this machine: a local cluster.)"""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return {}
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     share = cores[index::count] if len(cores) >= count else [cores[index % len(cores)]]
