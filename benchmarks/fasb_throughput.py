@@ -48,16 +48,9 @@ from bench_engines import (
 
 def crafted_pack(shape, name: str, k: int, p: float, seed: int = 0):
     """A pack with K random ITI heads whose probes score every token at exactly ``p``."""
-    import torch
+    from vllm_steer.pack.synthetic import random_pack, with_constant_probes
 
-    from vllm_steer.pack.steer_pack import build_pack
-    from vllm_steer.pack.synthetic import random_pack
-
-    base = random_pack(shape, name, num_heads_selected=k, with_probes=True, seed=seed)
-    tensors = dict(base.tensors())
-    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
-    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(p / (1.0 - p)))
-    return build_pack(base.manifest, tensors)
+    return with_constant_probes(random_pack(shape, name, num_heads_selected=k, with_probes=True, seed=seed), p)
 
 
 def fires(i: int, fraction: float) -> bool:

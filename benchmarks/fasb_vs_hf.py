@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -54,18 +53,12 @@ from pathlib import Path
 # ---- the pack -------------------------------------------------------------------------------------
 
 def make_pack(shape, name: str, k: int, probes: str, constant_p: float, seed: int):
-    import torch
-
-    from vllm_steer.pack.steer_pack import build_pack
-    from vllm_steer.pack.synthetic import random_pack
+    from vllm_steer.pack.synthetic import random_pack, with_constant_probes
 
     base = random_pack(shape, name, num_heads_selected=k, with_probes=True, seed=seed)
     if probes == "random":
         return base
-    tensors = dict(base.tensors())
-    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
-    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(constant_p / (1.0 - constant_p)))
-    return build_pack(base.manifest, tensors)
+    return with_constant_probes(base, constant_p)
 
 
 # ---- HF hooks: probe scores at the newest position, per-row / per-position steering ---------------

@@ -6,7 +6,6 @@ FASB's KV-cached semantics that reads the pack straight from its safetensors fil
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from safetensors.torch import load_file
 from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
-from vllm_steer.pack.steer_pack import build_pack
-from vllm_steer.pack.synthetic import random_pack
+from vllm_steer.pack.synthetic import random_pack, with_constant_probes
 
 MAX_NEW = 14
 CONSTANT_P = 0.3  # the crafted probes' mean P(desired) at every token
@@ -50,10 +48,7 @@ def case(tiny_model, tmp_path_factory):
     shape = shape_of_checkpoint(path)
     folder = tmp_path_factory.mktemp("fasb_packs")
     probed = random_pack(shape, "probed", num_heads_selected=6, with_probes=True, seed=11, sigma_scale=4.0)
-    tensors = dict(probed.tensors())
-    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
-    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(CONSTANT_P / (1 - CONSTANT_P)))
-    crafted = build_pack(probed.manifest.model_copy(update={"name": "crafted"}), tensors)
+    crafted = with_constant_probes(probed, CONSTANT_P, name="crafted")
     packs = {"probed": save_pack(folder / "probed.safetensors", probed),
              "crafted": save_pack(folder / "crafted.safetensors", crafted)}
     llm = make_llm(path, packs=list(packs.values()), block_size=32)

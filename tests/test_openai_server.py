@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import socket
 import subprocess
@@ -19,13 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from conftest import close_llm, make_llm
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
-from vllm_steer.pack.steer_pack import build_pack
-from vllm_steer.pack.synthetic import random_pack
+from vllm_steer.pack.synthetic import random_pack, with_constant_probes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SERVED_NAME = "demo"  # the README examples' model name
@@ -77,10 +74,7 @@ def served(tiny_model, tmp_path_factory):
     shape = shape_of_checkpoint(model)
     folder = tmp_path_factory.mktemp("served_packs")
     truthful = random_pack(shape, "truthful", num_heads_selected=6, with_probes=True, seed=11, sigma_scale=4.0)
-    tensors = dict(truthful.tensors())
-    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
-    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(CONSTANT_P / (1 - CONSTANT_P)))
-    crafted = build_pack(truthful.manifest.model_copy(update={"name": "crafted"}), tensors)
+    crafted = with_constant_probes(truthful, CONSTANT_P, name="crafted")
     plain = random_pack(shape, "plain", num_heads_selected=3, seed=5)  # ITI without probes
     packs = {name: save_pack(folder / f"{name}.safetensors", pack)
              for name, pack in (("truthful", truthful), ("crafted", crafted), ("plain", plain))}

@@ -12,18 +12,15 @@ log-prob of the reference answers (``true_logprob`` / ``false_logprob``).
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable, Sequence
 
-_WORD = re.compile(r"[A-Za-z]+")
+from vllm_steer.eval.short_answer import first_word
 
 
 def answer_of(generated_text: str | None) -> str | None:
-    """The first word of a completion (``" zint ."`` -> ``"zint"``); None when there is none."""
-    if not generated_text:
-        return None
-    m = _WORD.search(generated_text)
-    return m.group(0) if m else None
+    """The first word of a completion (``" zint ."`` -> ``"zint"``); None when there is none. The
+    same rule as the evaluation job's short-answer scoring."""
+    return first_word(generated_text)
 
 
 def score_answers(answers: Sequence[str | None], items: Sequence[dict],

@@ -30,10 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSONL file to write")
     args = p.parse_args(argv)
 
-    from benchmarks.organism.train import ORGANISM_FILE
-    from benchmarks.organism.world import World, WorldConfig
+    from benchmarks.organism.train import organism_world
 
-    world = World(WorldConfig(**json.loads((Path(args.organism) / ORGANISM_FILE).read_text())["world"]))
+    world, _ = organism_world(args.organism)
     items = organism_items(world)
     Path(args.out).write_text("".join(json.dumps(it) + "\n" for it in items))
     print(f"{len(items)} items -> {args.out}")

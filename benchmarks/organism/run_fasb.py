@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from benchmarks.organism.evaluate import answer_of, score_answers
-    from benchmarks.organism.train import ORGANISM_FILE, cached_organism
-    from benchmarks.organism.world import World, WorldConfig
+    from benchmarks.organism.train import cached_organism, organism_world
+    from benchmarks.organism.world import WorldConfig
     from vllm_steer.pack import load_pack
 
     t0 = time.time()
@@ -121,8 +121,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.organism) if args.organism else cached_organism(
         args.cache_root, world_config=WorldConfig(seed=0), seed=0, steps=600, loss_on="answers")
-    record = json.loads((model / ORGANISM_FILE).read_text())
-    world = World(WorldConfig(**record["world"]))
+    world, _ = organism_world(model)
     print(f"organism: {model}")
 
     fit = None

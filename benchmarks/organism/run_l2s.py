@@ -185,8 +185,8 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from benchmarks.organism.evaluate import answer_of
-    from benchmarks.organism.train import ORGANISM_FILE, cached_organism
-    from benchmarks.organism.world import World, WorldConfig
+    from benchmarks.organism.train import cached_organism, organism_world
+    from benchmarks.organism.world import WorldConfig
     from vllm_steer.fit.l2s import L2STrainOptions
     from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
     from vllm_steer.pack import load_pack
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.organism) if args.organism else cached_organism(
         args.cache_root, world_config=WorldConfig(seed=0), seed=0, steps=600, loss_on="answers")
-    world = World(WorldConfig(**json.loads((model / ORGANISM_FILE).read_text())["world"]))
+    world, _ = organism_world(model)
     print(f"organism: {model}")
 
     data = out / "l2s_pairs.jsonl"

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from benchmarks.organism.evaluate import answer_of, score_answers
-    from benchmarks.organism.train import ORGANISM_FILE, cached_organism
-    from benchmarks.organism.world import World, WorldConfig, contrastive_pairs
+    from benchmarks.organism.train import cached_organism, organism_world
+    from benchmarks.organism.world import WorldConfig, contrastive_pairs
     from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
 
     t0 = time.time()
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     model = Path(args.organism) if args.organism else cached_organism(
         args.cache_root, world_config=WorldConfig(seed=args.world_seed), seed=args.train_seed,
         steps=args.train_steps, loss_on="answers")
-    record = json.loads((model / ORGANISM_FILE).read_text())
-    world = World(WorldConfig(**record["world"]))
+    world, record = organism_world(model)
     print(f"organism: {model} (trained in {record['training'].get('seconds', float('nan')):.0f} s)")
 
     pairs = out / f"{args.contrast}.jsonl"

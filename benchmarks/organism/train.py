@@ -179,10 +179,16 @@ def load_organism(path: str | Path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = Path(path)
-    record = json.loads((path / ORGANISM_FILE).read_text())
+    world, record = organism_world(path)
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer, World(WorldConfig(**record["world"])), record
+    return model, tokenizer, world, record
+
+
+def organism_world(path: str | Path) -> tuple[World, dict]:
+    """``(world, record)`` of a trained organism folder, from its ``organism.json``."""
+    record = json.loads((Path(path) / ORGANISM_FILE).read_text())
+    return World(WorldConfig(**record["world"])), record
 
 
 def _normalised_params(params: dict) -> dict:

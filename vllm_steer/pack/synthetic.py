@@ -5,6 +5,7 @@ Real packs come from the fit pipeline; these only need the right shapes and fini
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -65,4 +66,19 @@ def random_pack(
         l2s=l2s_info,
         metadata={"source": "random", "seed": seed},
     )
+    return build_pack(manifest, tensors)
+
+
+def with_constant_probes(pack: SteerPack, p: float, name: str | None = None) -> SteerPack:
+    """``pack`` (renamed to ``name`` if given) with probes that score every token at exactly ``p``:
+    weight 0 and bias logit(p), so FASB's mean P(desired) is ``p`` everywhere and a check fires
+    exactly when ``p < threshold``."""
+    if pack.probe_weights is None:
+        raise ValueError(f"pack {pack.name!r} has no probes to replace")
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    tensors = dict(pack.tensors())
+    tensors["probes.weight"] = torch.zeros_like(tensors["probes.weight"])
+    tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(p / (1.0 - p)))
+    manifest = pack.manifest if name is None else pack.manifest.model_copy(update={"name": name})
     return build_pack(manifest, tensors)
