@@ -105,3 +105,53 @@ def greedy(max_tokens: int = 12, steering=None, **kw):
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def fitted_probe_pack(model_path, name: str, *, num_heads: int = 6, num_sequences: int = 24, seed: int = 0):
+    """A pack fitted by the fit library on the tiny model's own activations (no engine): per-head
+    probes trained on every token of random sequences, labelled by whether the token id is in the
+    lower half of the vocabulary, the top heads kept with mass-mean directions and sigma. Its probe
+    scores vary from token to token like a real pack's, so FASB fires, or not, by the text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reference.hf_capture import hf_layer_activations
+    from vllm_steer.fit.directions import mass_mean_directions, projection_sigma
+    from vllm_steer.fit.probes import train_head_probes
+    from vllm_steer.pack import PackManifest, build_pack
+    from vllm_steer.pack.hf_shape import shape_of_checkpoint
+
+    shape = shape_of_checkpoint(model_path)
+    hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    vocab = hf.config.vocab_size
+    features, labels = [], []
+    for seq in random_prompts(num_sequences, vocab, seed=seed, min_len=12, max_len=24):
+        heads, _ = hf_layer_activations(hf, seq)
+        features.append(heads.reshape(len(seq), shape.num_layers, shape.num_heads, shape.head_dim))
+        labels += [int(t < vocab // 2) for t in seq]
+    features = torch.cat(features)
+    n = features.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train, val = order[: n * 3 // 4], order[n * 3 // 4 :]
+    probes = train_head_probes(features, labels, train, val, progress=False, num_threads=1)
+    chosen = probes.top_k(num_heads)
+    layers = torch.tensor([l for l, _ in chosen])
+    head_idx = torch.tensor([h for _, h in chosen])
+    directions = mass_mean_directions(features, labels, train)
+    sigma = projection_sigma(features[train], directions)
+    manifest = PackManifest(
+        name=name, model=shape, methods=["iti"], num_heads_selected=num_heads, residual_layers=[],
+        has_probes=True, metadata={"source": "fitted in tests", "seed": seed},
+    )
+    order_heads = torch.argsort(layers * shape.num_heads + head_idx)
+    layers, head_idx = layers[order_heads], head_idx[order_heads]
+    return build_pack(manifest, {
+        "heads.layer": layers,
+        "heads.head": head_idx,
+        "heads.direction": directions[layers, head_idx],
+        "heads.sigma": sigma[layers, head_idx],
+        "residual.layer": torch.zeros(0, dtype=torch.int64),
+        "residual.vector": torch.zeros(0, shape.hidden_size),
+        "probes.weight": probes.weight[layers, head_idx],
+        "probes.bias": probes.bias[layers, head_idx],
+    })

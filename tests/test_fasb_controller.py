@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_steer.engine.fasb import FasbController
+from vllm_steer.engine.fasb import FasbController, FasbUpdate
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import RankLayout, SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
@@ -59,10 +59,75 @@ def test_commit_horizon_never_releases_what_a_later_check_can_drop():
         released += state.held_tokens[:n]
         del state.held_tokens[:n], state.held_logprobs[:n]
         state.released += n
-        # whatever fires at the next step keeps at least g + 1 - s tokens
-        assert len(released) <= max(0, g + 1 - spec.backtrack)
-    assert released == [1, 2, 3, 4, 5]
-    assert state.releasable(finished=True) == len(state.held_tokens) == 2
+        # worst case: a check fires at g + 1 (keeps g + 1 - s), then another right after that
+        # backtrack, at g + 2 - s (keeps g + 2 - 2s)
+        assert len(released) <= max(0, g + 2 - 2 * spec.backtrack)
+    assert released == [1, 2, 3]
+    assert state.releasable(finished=True) == len(state.held_tokens) == 4
+
+
+def _run_fasb_request(ctl, req_id, scores, finals, max_tokens):
+    """Drive one tracked request the way the scheduler does: each step appends a sampled token,
+    checks it (a firing check vetoes the stop and drops tokens), then applies the commit horizon.
+    Tokens are unique step numbers, so a regenerated token never equals the one it replaces.
+    Returns (the request's final tokens, what the client received)."""
+    state = ctl.requests[req_id]
+    tokens, client = [], []
+    for step, (score, final) in enumerate(zip(scores, finals)):
+        tokens.append(step)
+        finished = final or len(tokens) >= max_tokens
+        fired = ctl.check(req_id, score, num_generated=len(tokens), final=finished)
+        if fired is not None:
+            del tokens[fired.keep:]
+            finished = False
+        state.held_tokens.append(step)
+        state.held_logprobs.append(None)
+        state.truncate(len(tokens))
+        n = state.releasable(finished)
+        client += state.held_tokens[:n]
+        del state.held_tokens[:n], state.held_logprobs[:n]
+        state.released += n
+        assert client == tokens[: len(client)], "the client holds a token the request no longer has"
+        if finished:
+            return tokens, client
+    return tokens, client + state.held_tokens
+
+
+def test_two_backtracks_in_a_row_never_retract_a_released_token():
+    """The case that killed the server: after a backtrack to `keep`, the next check (at keep + 1)
+    fires again and drops tokens the one-backtrack horizon had already released."""
+    ctl = FasbController()
+    ctl.track("r", _spec(backtrack=4, max_backtracks=2), num_prompt_tokens=3)
+    tokens, client = _run_fasb_request(ctl, "r", [0.9] * 8 + [0.1, 0.1] + [0.9] * 6, [False] * 16, 100)
+    assert ctl.num_backtracks == 2
+    assert client == tokens[: len(client)]
+
+
+def test_random_fasb_requests_never_raise_nor_release_a_dropped_token():
+    rng = np.random.default_rng(1234)
+    ctl = FasbController()
+    fired_twice_or_more = 0
+    for i in range(4000):
+        s = int(rng.integers(0, 12))
+        spec = _spec(
+            backtrack=s,
+            min_tokens=int(rng.integers(1, 16)) if rng.random() < 0.5 else None,
+            max_backtracks=int(rng.integers(0, 9)),
+            threshold=float(rng.uniform(0.2, 0.8)),
+            strength=str(rng.choice(["code", "paper"])),
+        )
+        req_id = f"r{i}"
+        ctl.track(req_id, spec, num_prompt_tokens=int(rng.integers(1, 20)))
+        steps = 200
+        # scores that drift, so requests fire in bursts as well as alone
+        scores = np.clip(rng.normal(0.5, 0.3, steps).cumsum() / np.arange(1, steps + 1) + rng.normal(0, 0.3, steps), 0, 1)
+        finals = rng.random(steps) < float(rng.uniform(0.0, 0.1))
+        max_tokens = int(rng.integers(1, 60))
+        tokens, client = _run_fasb_request(ctl, req_id, scores.tolist(), finals.tolist(), max_tokens)
+        assert client == tokens
+        fired_twice_or_more += ctl.requests[req_id].backtracks >= 2
+        ctl.forget(req_id)
+    assert fired_twice_or_more > 500  # the sequences exercise repeated backtracks
 
 
 def test_fasb_spec_fields_and_pack_requirements():
@@ -127,6 +192,38 @@ def test_planner_probes_newest_tokens_then_steers_after_an_update():
     # an unsteered step resets the scales
     planner.plan_step(["v"], np.array([1]), np.array([9]), np.array([9]), args, np.array([10]))
     assert planner.table.token_scales[:4].tolist() == [1.0] * 4
+
+
+def test_a_second_backtrack_keeps_the_first_ones_steering_of_the_kept_positions():
+    """Positions the first backtrack steered and the second keeps hold KV computed at the first
+    strength: a recompute of a partly kept block must use it again, and the prefix-cache key must
+    name the whole history, not only the last backtrack."""
+    ctl = FasbController()
+    ctl.track("r", _spec(backtrack=2, min_tokens=3, max_backtracks=3), num_prompt_tokens=5)
+    first = ctl.check("r", 0.2, num_generated=4, final=False)  # keeps 2: steers from 6 at 8.0
+    second = ctl.check("r", 0.6, num_generated=5, final=False)
+    assert second is None  # 0.6 >= threshold 0.5
+    second = ctl.check("r", 0.4, num_generated=6, final=False)  # keeps 4: steers from 8 at 6.0
+    assert first.update.segments == ((6, pytest.approx(8.0)),)
+    assert second.update.segments == ((6, pytest.approx(8.0)), (8, pytest.approx(6.0)))
+    spec = ctl.requests["r"].spec
+    alone = FasbUpdate("x", strength=second.update.strength, steer_from=8, monitor=False)
+    assert second.update.cache_key(spec)[1] == 6 and alone.cache_key(spec)[1] == 8
+    assert second.update.cache_key(spec)[0] != alone.cache_key(spec)[0]
+    third = ctl.check("r", 0.0, num_generated=5, final=False)  # keeps 3: from 7, drops (8, 6.0)
+    assert third.update.segments == ((6, pytest.approx(8.0)), (7, pytest.approx(10.0)))
+
+    planner, _ = _planner()
+    args = lambda r: {"steering": {"pack": "p", "method": "fasb", "alpha": 10.0}}  # noqa: E731
+    planner.plan_step(["r"], np.array([5]), np.array([0]), np.array([5]), args, np.array([5]))
+    for fired in (first, second):
+        planner.apply_update(fired.update, args)
+    # a resume that recomputes positions 4..8: 6 and 7 at the first strength, 8 on at the second
+    planner.plan_step(["r"], np.array([5]), np.array([4]), np.array([5]), args, np.array([9]))
+    assert planner.table.token_slots[:5].tolist() == [0, 0, 1, 1, 1]
+    assert planner.table.token_scales[:5].tolist() == pytest.approx([1.0, 1.0, 8.0, 8.0, 6.0])
+    planner.plan_step(["r"], np.array([1]), np.array([9]), np.array([5]), args, np.array([10]))
+    assert planner.table.token_scales[0].item() == pytest.approx(6.0)
 
 
 def test_paper_strength_follows_the_previous_tokens_score():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
+from conftest import close_llm, fitted_probe_pack, greedy, make_llm, random_prompts, token_ids
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack, with_constant_probes
@@ -50,7 +50,8 @@ def case(tiny_model, tmp_path_factory):
     probed = random_pack(shape, "probed", num_heads_selected=6, with_probes=True, seed=11, sigma_scale=4.0)
     crafted = with_constant_probes(probed, CONSTANT_P, name="crafted")
     packs = {"probed": save_pack(folder / "probed.safetensors", probed),
-             "crafted": save_pack(folder / "crafted.safetensors", crafted)}
+             "crafted": save_pack(folder / "crafted.safetensors", crafted),
+             "fitted": save_pack(folder / "fitted.safetensors", fitted_probe_pack(path, "fitted"))}
     llm = make_llm(path, packs=list(packs.values()), block_size=32)
     yield Case(path, packs, llm)
     close_llm(llm)
@@ -182,6 +183,30 @@ def test_streamed_tokens_are_never_retracted(case):
     # Held back while checks remain: the never-firing request's last chunk flushes s tokens.
     assert len(chunks["r2"][-1]) == 3
     assert all(len(c) <= 1 for c in chunks["r0"])
+
+
+@pytest.mark.parametrize("max_backtracks", [2, 4, 8])
+def test_fitted_probes_backtracking_repeatedly_stream_only_final_tokens(case, max_backtracks):
+    """A fitted pack's scores vary by token, so a request can fire again right after a backtrack
+    (the pattern that once retracted released tokens and killed the engine). Streamed deltas must
+    add up to the final output, and both must equal the HF reference."""
+    prompts = _prompts(case, 8, seed=7)
+    spec = {"pack": "fitted", "method": "fasb", "alpha": 4.0, "threshold": 0.5, "backtrack": 3,
+            "min_tokens": 2, "max_backtracks": max_backtracks}
+    max_new = 24
+    refs = [case.reference(p["prompt_token_ids"], spec, max_tokens=max_new) for p in prompts]
+    # the threshold that makes about half of the checked unsteered scores fire
+    spec["threshold"] = float(np.median([s for r in refs for s in r.scores[1:]]))
+    refs = [case.reference(p["prompt_token_ids"], spec, max_tokens=max_new) for p in prompts]
+    assert max(len(r.triggers) for r in refs) >= 2, [len(r.triggers) for r in refs]
+    requests = [(f"f{max_backtracks}-{i}", p, greedy(max_new, spec, logprobs=1)) for i, p in enumerate(prompts)]
+    chunks, logprob_counts, finished = _stream(case.llm, requests)
+    offline = case.llm.generate(prompts, [r[2] for r in requests], use_tqdm=False)
+    for (req_id, _, _), final, ref in zip(requests, offline, refs):
+        streamed = [t for c in chunks[req_id] for t in c]
+        assert streamed == list(final.outputs[0].token_ids) == ref.tokens, req_id
+        assert logprob_counts[req_id] == [len(c) for c in chunks[req_id]]
+        assert finished[req_id].outputs[0].finish_reason == "length"
 
 
 def test_stop_string_on_the_final_sequence(case):

@@ -15,7 +15,12 @@ requests and outputs. Semantics (greedy parity with ``tests/reference/hf_fasb.py
   nothing is kept): that token is recomputed under steering, so the first regenerated token already
   feels it.
 * Commit horizon: a monitored request's tokens reach the client only once no later check can
-  retract them (index < G + 1 - s), or when it finishes, or when it can no longer backtrack.
+  retract them, or when it finishes, or when it can no longer backtrack. With ``r`` backtracks left,
+  the worst case is that every one of them fires as early as it can: the next step (G + 1 tokens)
+  keeps G + 1 - s; the step after that backtrack keeps (G + 1 - s) + 1 - s, and so on. So only the
+  first ``G - r * (s - 1)`` tokens are safe (``G + 1 - s`` when one backtrack is left). A check can
+  come at any G, whatever ``min_tokens`` says, because the step that finishes a request (EOS, stop
+  token) is always checked.
 """
 
 from __future__ import annotations
@@ -23,25 +28,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_steer.engine.count_histogram import CountHistogram
 from vllm_steer.spec import SteeringSpec
 
 
 @dataclass(frozen=True)
 class FasbUpdate:
-    """Scheduler -> workers: how a request is steered after a backtrack."""
+    """Scheduler -> workers: how a request is steered after a backtrack.
+
+    Positions before ``steer_from`` keep the KV they were computed with, steered or not: after a
+    second backtrack, positions an earlier one steered keep that earlier strength (the workers keep
+    the per-position history themselves)."""
 
     req_id: str
     strength: float  # what the pack's unit-alpha ITI rows are scaled by: alpha * (1 - p)
-    steer_from: int  # first steered absolute position
+    steer_from: int  # first position this backtrack recomputes, steered
     monitor: bool  # whether the workers keep scoring it
     adaptive: bool = False  # strength="paper": the workers re-set the strength every step
+    # (first position, strength) of every backtrack whose steered positions are still in the KV,
+    # this one last: what the request's KV depends on
+    segments: tuple[tuple[int, float], ...] = ()
 
     def cache_key(self, spec: SteeringSpec) -> tuple[str, int]:
-        """The prefix-cache key of KV computed under this steering (see integration/prefix_cache).
+        """The prefix-cache key of KV computed under this steering (see integration/prefix_cache),
+        and the first position it applies to.
 
         Adaptive strengths depend on the request's own scores: its steered KV is never shared."""
+        segments = self.segments or ((self.steer_from, self.strength),)
         own = f"|request:{self.req_id}" if self.adaptive else ""
-        return (f"{spec.cache_key()}|fasb:{self.strength!r}{own}", self.steer_from)
+        return (f"{spec.cache_key()}|fasb:{list(segments)!r}{own}", segments[0][0])
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class FasbRequest:
     held_tokens: list[int] = field(default_factory=list)
     held_logprobs: list[Any] = field(default_factory=list)  # one opaque row per held token
     carried: dict[str, Any] = field(default_factory=dict)  # parts of dropped outputs to send later
+    segments: list[tuple[int, float]] = field(default_factory=list)  # see FasbUpdate.segments
     freed: bool = False
 
     @property
@@ -71,9 +87,14 @@ class FasbRequest:
         """How many held tokens may go to the client now."""
         if finished or not self.checking:
             return len(self.held_tokens)
+        return max(0, min(len(self.held_tokens), self.safe_prefix() - self.released))
+
+    def safe_prefix(self) -> int:
+        """How many generated tokens every later check keeps, whatever the scores (see the module
+        docstring: each remaining backtrack may fire at the earliest step it can)."""
         generated = self.released + len(self.held_tokens)
-        safe = generated + 1 - self.spec.backtrack  # a later check keeps at least this many
-        return max(0, min(len(self.held_tokens), safe - self.released))
+        remaining = self.spec.max_backtracks - self.backtracks
+        return min(generated, generated - remaining * (self.spec.backtrack - 1))
 
     def truncate(self, num_generated: int) -> None:
         """Forget held tokens past ``num_generated`` (after a backtrack)."""
@@ -92,6 +113,7 @@ class FasbController:
         self.num_checks = 0  # probe scores compared with a threshold
         self.num_backtracks = 0
         self.num_recomputed_tokens = 0
+        self.recomputed_per_request = CountHistogram()  # observed when a request is forgotten
 
     def track(self, req_id: str, spec: SteeringSpec, num_prompt_tokens: int) -> None:
         self.requests[req_id] = FasbRequest(spec, num_prompt_tokens)
@@ -114,14 +136,20 @@ class FasbController:
         state.recomputed_tokens += num_generated - keep
         self.num_backtracks += 1
         self.num_recomputed_tokens += num_generated - keep
+        strength = spec.alpha * (1.0 - score)
+        steer_from = state.num_prompt_tokens + keep - 1
+        state.segments = [seg for seg in state.segments if seg[0] < steer_from] + [(steer_from, strength)]
         update = FasbUpdate(
             req_id=req_id,
-            strength=spec.alpha * (1.0 - score),
-            steer_from=state.num_prompt_tokens + keep - 1,
+            strength=strength,
+            steer_from=steer_from,
             monitor=state.checking or spec.strength == "paper",
             adaptive=spec.strength == "paper",
+            segments=tuple(state.segments),
         )
         return Backtrack(keep=keep, score=score, update=update)
 
     def forget(self, req_id: str) -> None:
-        self.requests.pop(req_id, None)
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.recomputed_per_request.observe(state.recomputed_tokens)

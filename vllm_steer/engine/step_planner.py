@@ -44,8 +44,10 @@ class RequestSteering:
     steer_from: int | None  # first steered position; None: from the spec's prompt_positions
     monitor: bool  # probe the newest token of every sampling step (FASB)
     strength: float = 1.0  # token scale of every steered token (FASB after a backtrack)
-    # strength="paper": the scale of position steer_from + i, filled as scores arrive
+    # FASB: the scale of position steer_from + i (the last entry goes on for later positions), after
+    # a second backtrack, or with strength="paper" (filled as scores arrive)
     strengths: list[float] | None = None
+    adaptive: bool = False  # strength="paper": each score sets the next position's scale
 
     @classmethod
     def initial(cls, spec: SteeringSpec, pack: SteerPack) -> RequestSteering:
@@ -107,6 +109,7 @@ class StepPlanner:
         self.l2s_predictions = 0  # predictor runs, over the engine's life
         self.l2s_repeats = 0  # runs for a request that already had its vector (must stay 0)
         self._requests: dict[str, RequestSteering | None] = {}
+        self._failed: dict[str, str] = {}  # req_id -> reason, not yet reported to the scheduler
         self._num_adaptive = 0  # tracked requests with strength="paper" after their trigger
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
@@ -130,33 +133,43 @@ class StepPlanner:
                     if spec.monitored and self.probes is None:
                         raise SteeringError("no pack of this engine has probes", field="steering.method")
                     steering = RequestSteering.initial(spec, pack)
-        except SteeringError as exc:  # the front-end validates first; this only guards the worker
-            logger.error("request %s: steering spec refused in the worker, running unsteered: %s", req_id, exc)
+        except Exception as exc:  # the front-end validates first; this only guards the worker
+            self.record_failure(req_id, exc)
+            return None
         self._requests[req_id] = steering
         return steering
 
     def apply_update(self, update: FasbUpdate, extra_args_of: Callable[[str], Mapping[str, Any] | None]) -> None:
-        """A backtrack: steer the request from ``update.steer_from`` at ``update.strength``."""
+        """A backtrack: steer the request from ``update.steer_from`` at ``update.strength``.
+
+        Positions before ``update.steer_from`` keep their KV, so a request already steered by an
+        earlier backtrack keeps that backtrack's scales for them (a recompute of a partly kept KV
+        block must compute them as they were)."""
         current = self.steering_of(update.req_id, extra_args_of)
         if current is None:
-            logger.error("request %s: FASB update for a request this worker does not steer", update.req_id)
-            return
+            raise SteeringError(f"FASB update for request {update.req_id}, which this worker does not steer")
+        steer_from = update.steer_from
+        strengths = [update.strength] if update.adaptive else None
+        if current.alpha != 0.0 and current.steer_from is not None and current.steer_from < update.steer_from:
+            steer_from = current.steer_from
+            kept = [current.scale_at(q) for q in range(current.steer_from, update.steer_from)]
+            strengths = kept + [update.strength]
         self._requests[update.req_id] = RequestSteering(
-            current.spec, current.pack, alpha=1.0, steer_from=update.steer_from, monitor=update.monitor,
-            strength=update.strength, strengths=[update.strength] if update.adaptive else None,
+            current.spec, current.pack, alpha=1.0, steer_from=steer_from, monitor=update.monitor,
+            strength=update.strength, strengths=strengths, adaptive=update.adaptive,
         )
-        self._num_adaptive += update.adaptive and current.strengths is None
+        self._num_adaptive += update.adaptive and not current.adaptive
 
     def has_adaptive_strength(self, req_ids: Sequence[str]) -> bool:
         if not self._num_adaptive:
             return False
-        return any((st := self._requests.get(r)) is not None and st.strengths is not None for r in req_ids)
+        return any((st := self._requests.get(r)) is not None and st.adaptive for r in req_ids)
 
     def note_scores(self, req_ids: Sequence[str], positions: Sequence[int], scores: Sequence[float]) -> None:
         """``strength="paper"``: a token's score sets the strength of the next position."""
         for req_id, position, p in zip(req_ids, positions, scores):
             steering = self._requests.get(req_id)
-            if steering is None or steering.strengths is None:
+            if steering is None or not steering.adaptive:
                 continue
             spec = steering.spec
             i = position + 1 - steering.steer_from
@@ -169,7 +182,7 @@ class StepPlanner:
     def forget(self, req_ids: Sequence[str]) -> None:
         for req_id in req_ids:
             steering = self._requests.pop(req_id, None)
-            if steering is not None and steering.strengths is not None:
+            if steering is not None and steering.adaptive:
                 self._num_adaptive -= 1
             self._l2s_vectors.pop(req_id, None)
 
@@ -209,40 +222,27 @@ class StepPlanner:
         scaled: list[tuple[int, RequestSteering]] = []  # requests whose tokens carry a scale
         any_slot = False
         for i, req_id in enumerate(req_ids):
-            steering = self.steering_of(req_id, extra_args_of)
-            if steering is None:
+            try:
+                planned = self._plan_request(
+                    req_id, i + 1, extra_args_of, num_prompt_of[i], int(num_computed[i]), int(counts[i])
+                )
+            except Exception as exc:  # fails this request only (the scheduler finishes it)
+                self._slot_owner[i + 1] = None  # the slot may be half written
+                self.record_failure(req_id, exc)
                 continue
-            slot = i + 1
-            owner = self._slot_owner[slot]
-            if owner is None or owner[0] != req_id or owner[1] is not steering:
-                self.table.write_slot(slot, steering.spec, steering.pack, alpha=steering.alpha)
-                if steering.monitor:
-                    self.probes.write_slot(slot, steering.pack)
-                vector = self._l2s_vectors.get(req_id)
-                if vector is not None:
-                    self.predictors[steering.pack.name].out_rows[slot].copy_(vector)
-                self._slot_owner[slot] = (req_id, steering)
-            slot_of_req[i] = slot
+            if planned is None:
+                continue
+            steering, start, l2s_offset = planned
+            slot_of_req[i] = i + 1
             any_slot = True
             if steering.monitor:
                 monitored.append(i)
-                if steering.alpha == 0.0:  # monitored, not steered yet: nothing else to plan
-                    continue
-            start_of_req[i] = steering.first_steered(num_prompt_of[i])
-            if steering.spec.method == "l2s":
-                predictor = self.predictors[steering.pack.name]
-                last_prompt = num_prompt_of[i] - 1
-                if not predictor.same_pass:  # the vector arrives after layer L*: generated tokens only
-                    start_of_req[i] = max(start_of_req[i], last_prompt + 1)
-                computed = int(num_computed[i])
-                if computed <= last_prompt < computed + int(counts[i]):
-                    if req_id in self._l2s_vectors:
-                        pass  # resumed or backtracked: its vector is already in its slot
-                    else:
-                        l2s_entries[steering.pack.name].append((int(first_token[i]) + last_prompt - computed, slot))
-                        self._l2s_pending.append((req_id, slot, predictor))
-                        self.l2s_predictions += 1
-            if steering.strengths is not None or steering.strength != 1.0:
+            start_of_req[i] = start
+            if l2s_offset is not None:
+                l2s_entries[steering.pack.name].append((int(first_token[i]) + l2s_offset, i + 1))
+                self._l2s_pending.append((req_id, i + 1, self.predictors[steering.pack.name]))
+                self.l2s_predictions += 1
+            if start != NO_STEERING and (steering.strengths is not None or steering.strength != 1.0):
                 scaled.append((i, steering))
         self.monitored = self._monitored_tokens(
             req_ids, monitored, counts, first_token, num_computed, num_tokens
@@ -282,6 +282,58 @@ class StepPlanner:
                     scales[rows] = [steering.scale_at(int(q)) for q in positions[rows]]
         self._write_scales(scales, total)
         return int(np.count_nonzero(token_slots))
+
+    def _plan_request(
+        self,
+        req_id: str,
+        slot: int,
+        extra_args_of: Callable[[str], Mapping[str, Any] | None],
+        num_prompt: int,
+        num_computed: int,
+        num_scheduled: int,
+    ) -> tuple[RequestSteering, int, int | None] | None:
+        """One request's part of the step: (its steering, its first steered position, the offset in
+        its scheduled tokens of the last prompt token when the L2S predictor reads it this step), or
+        None when it is not steered. Writes its slot when the slot's owner or steering changed."""
+        steering = self.steering_of(req_id, extra_args_of)
+        if steering is None:
+            return None
+        owner = self._slot_owner[slot]
+        if owner is None or owner[0] != req_id or owner[1] is not steering:
+            self.table.write_slot(slot, steering.spec, steering.pack, alpha=steering.alpha)
+            if steering.monitor:
+                self.probes.write_slot(slot, steering.pack)
+            vector = self._l2s_vectors.get(req_id)
+            if vector is not None:
+                self.predictors[steering.pack.name].out_rows[slot].copy_(vector)
+            self._slot_owner[slot] = (req_id, steering)
+        if steering.monitor and steering.alpha == 0.0:  # monitored, not steered yet
+            return steering, NO_STEERING, None
+        start = steering.first_steered(num_prompt)
+        if steering.spec.method != "l2s":
+            return steering, start, None
+        last_prompt = num_prompt - 1
+        if not self.predictors[steering.pack.name].same_pass:
+            start = max(start, last_prompt + 1)  # the vector arrives after layer L*: generated tokens only
+        reads_now = num_computed <= last_prompt < num_computed + num_scheduled
+        if reads_now and req_id not in self._l2s_vectors:  # else resumed: its vector is in its slot
+            return steering, start, last_prompt - num_computed
+        return steering, start, None
+
+    def record_failure(self, req_id: str, exc: BaseException) -> None:
+        """Stop steering ``req_id`` and report it (``take_failures``) so the scheduler fails it: a
+        request is never run unsteered in place of the steering it asked for."""
+        logger.error("vllm-steer: steering request %s failed on this worker: %s", req_id, exc, exc_info=exc)
+        previous = self._requests.get(req_id)
+        if previous is not None and previous.adaptive:
+            self._num_adaptive -= 1
+        self._requests[req_id] = None
+        self._failed[req_id] = f"{type(exc).__name__}: {exc}"
+
+    def take_failures(self) -> dict[str, str]:
+        """Requests whose steering failed since the last call: req_id -> reason."""
+        failed, self._failed = self._failed, {}
+        return failed
 
     def _monitored_tokens(self, req_ids, monitored, counts, first_token, num_computed, num_tokens):
         """The newest token of each monitored request that samples this step (``num_tokens``: each

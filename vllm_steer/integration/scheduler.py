@@ -13,6 +13,13 @@ without ``additional_config["steering"]`` and for requests that are not FASB.
 * ``schedule``: hand the backtracks to the workers as ``FASB_UPDATES_ATTR`` on the SchedulerOutput.
 * ``_free_request``: forget finished and aborted requests.
 
+Defence in depth: an unexpected exception in this steering code for one request (or one a worker
+reports for a request, ``FAILED_REQUESTS_ATTR`` on the ModelRunnerOutput) fails that request only:
+it is finished with ``FINISHED_ERROR`` at the end of the step (its KV blocks freed, the workers told
+to drop it, its tokens of that step withheld), its client gets an error, and the engine serves on.
+
+The plugin's per-engine state lives in one ``SchedulerSteering`` object on the scheduler.
+
 A backtrack drops the last generated tokens from the request in place, forgets the block hashes
 from the first steered position on (those blocks are recomputed under steering and re-hashed with a
 salted key, see prefix_cache.py), and preempts the request with its in-flight output dropped; it
@@ -25,51 +32,70 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
-from vllm_steer.engine.fasb import Backtrack, FasbController
-from vllm_steer.errors import SteeringError
+from vllm_steer.engine.fasb import Backtrack, FasbController, FasbUpdate
 from vllm_steer.integration.prefix_cache import set_steering_cache_key
-from vllm_steer.integration.worker import FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
+from vllm_steer.integration.worker import FAILED_REQUESTS_ATTR, FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
 from vllm_steer.spec import parse_spec
 
 logger = init_logger("vllm_steer")
-_CONTROLLER_ATTR = "_vllm_steer_fasb"
+_STATE_ATTR = "_vllm_steer"
 _CARRIED_FIELDS = ("prefill_stats", "new_prompt_logprobs_tensors", "prompt_token_id_logprobs")
 
 
-def controller_of(scheduler) -> FasbController | None:
-    """The scheduler's FASB controller; None when the engine runs without steering."""
-    ctl = scheduler.__dict__.get(_CONTROLLER_ATTR, False)
-    if ctl is False:
+@dataclass
+class SchedulerSteering:
+    """The plugin's state in one engine's scheduler."""
+
+    fasb: FasbController = field(default_factory=FasbController)
+    scores: dict[str, float] = field(default_factory=dict)  # the step being processed: req_id -> p
+    fired: list[tuple[object, Backtrack]] = field(default_factory=list)  # (vLLM Request, backtrack)
+    updates: list[FasbUpdate] = field(default_factory=list)  # for the workers, with the next step
+    requests_by_method: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, tuple[int, str]] = field(default_factory=dict)  # req_id -> (client, reason)
+    num_failed: int = 0
+
+    def fail(self, request, where: str, exc: BaseException) -> None:
+        """Fail ``request`` at the end of this step (see the module docstring)."""
+        reason = f"{where}: {type(exc).__name__}: {exc}"
+        logger.error("vllm-steer: request %s failed in steering code (%s); the engine serves on",
+                     request.request_id, reason, exc_info=exc)
+        self.failures.setdefault(request.request_id, (request.client_index, reason))
+
+
+def steering_state(scheduler) -> SchedulerSteering | None:
+    """The scheduler's steering state; None when the engine runs without steering."""
+    state = scheduler.__dict__.get(_STATE_ATTR, False)
+    if state is False:
         enabled = steering_config_from(scheduler.vllm_config.additional_config) is not None
-        ctl = FasbController() if enabled else None
-        scheduler.__dict__[_CONTROLLER_ATTR] = ctl
-        scheduler.__dict__["_vllm_steer_scores"] = {}
-        scheduler.__dict__["_vllm_steer_fired"] = []
-        scheduler.__dict__["_vllm_steer_updates"] = []
-        scheduler.__dict__["_vllm_steer_requests_by_method"] = {}
-    return ctl
+        state = SchedulerSteering() if enabled else None
+        scheduler.__dict__[_STATE_ATTR] = state
+    return state
 
 
 def scheduler_stats(scheduler) -> dict:
-    """Counters since start-up: steered requests by method, FASB probe checks, backtracks and
-    recomputed tokens."""
-    ctl = controller_of(scheduler)
-    if ctl is None:
+    """Counters since start-up: steered requests by method, FASB probe checks, backtracks,
+    recomputed tokens (in all and per finished FASB request) and requests failed by steering code."""
+    state = steering_state(scheduler)
+    if state is None:
         return {}
+    ctl = state.fasb
     return {
-        "requests_by_method": dict(scheduler.__dict__["_vllm_steer_requests_by_method"]),
+        "requests_by_method": dict(state.requests_by_method),
         "probe_checks": ctl.num_checks,
         "backtracks": ctl.num_backtracks,
         "recomputed_tokens": ctl.num_recomputed_tokens,
+        "recomputed_tokens_per_request": ctl.recomputed_per_request.snapshot(),
+        "failed_requests": state.num_failed,
     }
 
 
-def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
+def _backtrack(scheduler, state: SchedulerSteering, request, backtrack: Backtrack) -> None:
     """Drop the tokens ``backtrack`` does not keep and send the request back to be recomputed.
 
     A running request is preempted here. A request already preempted (KV pressure, under async
@@ -77,7 +103,8 @@ def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
     itself and recomputes from the kept tokens like any preempted request."""
     from vllm.v1.request import RequestStatus
 
-    assert request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED), request.status
+    if request.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED):
+        raise AssertionError(f"backtrack of a request in state {request.status}")
     num_drop = request.num_output_tokens - backtrack.keep
     if num_drop > 0:
         del request._output_token_ids[-num_drop:]
@@ -87,7 +114,7 @@ def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
         if grammar is not None:
             grammar.rollback(num_drop)
     update = backtrack.update
-    spec = scheduler.__dict__[_CONTROLLER_ATTR].requests[request.request_id].spec
+    spec = state.fasb.requests[request.request_id].spec
     set_steering_cache_key(request, update.cache_key(spec))
     del request.block_hashes[update.steer_from // scheduler.hash_block_size :]
     request.update_block_hashes()
@@ -95,7 +122,7 @@ def _backtrack(scheduler, request, backtrack: Backtrack) -> None:
         scheduler.running.remove(request)
         scheduler._preempt_request(request, time.monotonic(), drop_stale_output=True)
         scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
-    scheduler.__dict__["_vllm_steer_updates"].append(update)
+    state.updates.append(update)
     logger.debug(
         "vllm-steer: FASB backtrack of %s at score %.4f: kept %d generated tokens, steering from "
         "position %d at strength %.4f", request.request_id, backtrack.score, backtrack.keep,
@@ -117,50 +144,91 @@ def _stack_logprobs(rows: list, template):
     return type(template)(ids, lps, ranks, None)
 
 
-def _apply_commit_horizon(scheduler, ctl: FasbController, engine_core_outputs: dict) -> None:
+def _hold_back(scheduler, ctl: FasbController, out) -> bool:
+    """The commit horizon for one monitored request's output: hold its tokens until no later check
+    can retract them. Returns whether ``out`` goes to the client this step."""
+    state = ctl.requests[out.request_id]
+    state.held_tokens.extend(out.new_token_ids)
+    rows = _logprob_rows(out.new_logprobs)
+    if out.new_logprobs is not None:
+        state.carried["logprobs_template"] = out.new_logprobs
+    state.held_logprobs.extend(rows)
+    request = scheduler.requests.get(out.request_id)
+    if request is not None and not request.is_finished():
+        state.truncate(request.num_output_tokens)  # a backtrack this step drops held tokens
+    finished = out.finish_reason is not None
+    n = state.releasable(finished)
+    if n == 0 and not finished:
+        for name in _CARRIED_FIELDS:
+            value = getattr(out, name, None)
+            if value is not None and name not in state.carried:
+                state.carried[name] = value
+        if out.events:
+            state.carried.setdefault("events", []).extend(out.events)
+        return False
+    out.new_token_ids = state.held_tokens[:n]
+    del state.held_tokens[:n]
+    template = state.carried.get("logprobs_template")
+    if template is not None and state.held_logprobs:
+        out.new_logprobs = _stack_logprobs(state.held_logprobs[:n], template)
+        del state.held_logprobs[:n]
+    else:
+        out.new_logprobs = None
+    for name in _CARRIED_FIELDS:
+        if name in state.carried and getattr(out, name, None) is None:
+            setattr(out, name, state.carried.pop(name))
+    if "events" in state.carried:
+        out.events = state.carried.pop("events") + list(out.events or [])
+    state.released += n
+    return True
+
+
+def _apply_commit_horizon(scheduler, state: SchedulerSteering, engine_core_outputs: dict) -> None:
+    ctl = state.fasb
     for eco in engine_core_outputs.values():
         if not eco.outputs:
             continue
         kept = []
         for out in eco.outputs:
-            state = ctl.requests.get(out.request_id)
-            if state is None:
+            if out.request_id not in ctl.requests:
                 kept.append(out)
                 continue
-            state.held_tokens.extend(out.new_token_ids)
-            rows = _logprob_rows(out.new_logprobs)
-            if out.new_logprobs is not None:
-                state.carried["logprobs_template"] = out.new_logprobs
-            state.held_logprobs.extend(rows)
-            request = scheduler.requests.get(out.request_id)
-            if request is not None and not request.is_finished():
-                state.truncate(request.num_output_tokens)  # a backtrack this step drops held tokens
-            finished = out.finish_reason is not None
-            n = state.releasable(finished)
-            if n == 0 and not finished:
-                for name in _CARRIED_FIELDS:
-                    value = getattr(out, name)
-                    if value is not None and name not in state.carried:
-                        state.carried[name] = value
-                if out.events:
-                    state.carried.setdefault("events", []).extend(out.events)
-                continue
-            out.new_token_ids = state.held_tokens[:n]
-            del state.held_tokens[:n]
-            template = state.carried.get("logprobs_template")
-            if template is not None and state.held_logprobs:
-                out.new_logprobs = _stack_logprobs(state.held_logprobs[:n], template)
-                del state.held_logprobs[:n]
-            else:
-                out.new_logprobs = None
-            for name in _CARRIED_FIELDS:
-                if name in state.carried and getattr(out, name) is None:
-                    setattr(out, name, state.carried.pop(name))
-            if "events" in state.carried:
-                out.events = state.carried.pop("events") + list(out.events or [])
-            state.released += n
-            kept.append(out)
+            try:
+                if _hold_back(scheduler, ctl, out):
+                    kept.append(out)
+            except Exception as exc:
+                request = scheduler.requests.get(out.request_id)
+                if request is not None:
+                    state.fail(request, "FASB commit horizon", exc)
         eco.outputs = kept
+
+
+def _finish_failed(scheduler, state: SchedulerSteering) -> None:
+    from vllm.v1.request import RequestStatus
+
+    if state.failures:
+        scheduler.finish_requests(list(state.failures), RequestStatus.FINISHED_ERROR)
+
+
+def _report_failed(scheduler, state: SchedulerSteering, engine_core_outputs: dict) -> None:
+    """Finish the failed requests (frees their KV; the workers hear of it with the next step),
+    withhold their outputs of this step and send each client an error for its request."""
+    if not state.failures:
+        return
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    _finish_failed(scheduler, state)
+    for eco in engine_core_outputs.values():
+        if eco.outputs:
+            eco.outputs = [out for out in eco.outputs if out.request_id not in state.failures]
+    for req_id, (client_index, _) in state.failures.items():
+        eco = engine_core_outputs.get(client_index)
+        if eco is None:
+            eco = engine_core_outputs[client_index] = EngineCoreOutputs()
+        eco.outputs.append(EngineCoreOutput(request_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR))
+        state.fasb.forget(req_id)
+        state.num_failed += 1
+    state.failures.clear()
 
 
 def install() -> None:
@@ -175,67 +243,80 @@ def install() -> None:
     @functools.wraps(original_add)
     def add_request(self, request) -> None:
         original_add(self, request)
-        ctl = controller_of(self)
-        if ctl is None or request.sampling_params is None:
+        state = steering_state(self)
+        if state is None or request.sampling_params is None:
             return
-        try:
+        try:  # the front-end refuses a bad spec; one that got here anyway fails its request
             spec = parse_spec(request.sampling_params.extra_args)
-        except SteeringError:  # refused by the front-end already; the worker runs it unsteered
-            return
-        if spec is not None and spec.active:
-            by_method = self.__dict__["_vllm_steer_requests_by_method"]
-            by_method[spec.method] = by_method.get(spec.method, 0) + 1
-        if spec is not None and spec.monitored:
-            ctl.track(request.request_id, spec, request.num_prompt_tokens)
+            if spec is not None and spec.active:
+                by_method = state.requests_by_method
+                by_method[spec.method] = by_method.get(spec.method, 0) + 1
+            if spec is not None and spec.monitored:
+                state.fasb.track(request.request_id, spec, request.num_prompt_tokens)
+        except Exception as exc:
+            state.fail(request, "admission", exc)
 
     original_update_request = Scheduler._update_request_with_output
 
     @functools.wraps(original_update_request)
     def _update_request_with_output(self, request, new_token_ids, *args, **kwargs):
-        ctl = controller_of(self)
-        state = ctl.requests.get(request.request_id) if ctl is not None else None
-        if state is None:
+        state = steering_state(self)
+        if state is None or request.request_id not in state.fasb.requests:
             return original_update_request(self, request, new_token_ids, *args, **kwargs)
         # A preempted request gets output here only under async scheduling: the step in flight
         # when KV pressure preempted it is delivered afterwards ("stale" output). It is checked
         # like any other step, or FASB would skip the check that step carries.
         status_before = request.status
         new_token_ids, stopped = original_update_request(self, request, new_token_ids, *args, **kwargs)
-        score = self.__dict__["_vllm_steer_scores"].get(request.request_id)
+        score = state.scores.get(request.request_id)
         if (score is None or not new_token_ids
                 or status_before not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)):
             return new_token_ids, stopped
-        backtrack = ctl.check(request.request_id, score, request.num_output_tokens, final=stopped)
+        try:
+            backtrack = state.fasb.check(request.request_id, score, request.num_output_tokens, final=stopped)
+        except Exception as exc:
+            state.fail(request, "FASB check", exc)
+            return new_token_ids, stopped
         if backtrack is not None:
             if stopped:  # veto the stop: the request regenerates instead
                 request.status = status_before
                 request.stop_reason = None
                 stopped = False
-            self.__dict__["_vllm_steer_fired"].append((request, backtrack))
+            state.fired.append((request, backtrack))
         return new_token_ids, stopped
 
     original_update = Scheduler.update_from_output
 
     @functools.wraps(original_update)
     def update_from_output(self, scheduler_output, model_runner_output):
-        ctl = controller_of(self)
-        if ctl is None:
+        state = steering_state(self)
+        if state is None:
             return original_update(self, scheduler_output, model_runner_output)
-        self.__dict__["_vllm_steer_scores"] = getattr(model_runner_output, PROBE_SCORES_ATTR, None) or {}
-        fired = self.__dict__["_vllm_steer_fired"] = []
+        for req_id, reason in (getattr(model_runner_output, FAILED_REQUESTS_ATTR, None) or {}).items():
+            request = self.requests.get(req_id)
+            if request is not None:
+                state.fail(request, "worker", RuntimeError(reason))
+        _finish_failed(self, state)  # before vLLM reads this step's tokens: theirs are dropped
+        state.scores = getattr(model_runner_output, PROBE_SCORES_ATTR, None) or {}
+        state.fired = []
         try:
             outputs = original_update(self, scheduler_output, model_runner_output)
         finally:
-            self.__dict__["_vllm_steer_scores"] = {}
-        for request, backtrack in fired:
+            state.scores = {}
+        for request, backtrack in state.fired:
             if (request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
-                    and request.request_id in self.requests):
-                _backtrack(self, request, backtrack)
-        fired.clear()
-        if ctl.requests:
-            _apply_commit_horizon(self, ctl, outputs)
-            for req_id in [r for r, s in ctl.requests.items() if s.freed]:
-                ctl.forget(req_id)
+                    and request.request_id in self.requests and request.request_id not in state.failures):
+                try:
+                    _backtrack(self, state, request, backtrack)
+                except Exception as exc:
+                    state.fail(request, "FASB backtrack", exc)
+        state.fired = []
+        if state.fasb.requests:
+            _apply_commit_horizon(self, state, outputs)
+        _report_failed(self, state, outputs)
+        if state.fasb.requests:
+            for req_id in [r for r, s in state.fasb.requests.items() if s.freed]:
+                state.fasb.forget(req_id)
         return outputs
 
     update_from_output._vllm_steer = True
@@ -248,9 +329,10 @@ def install() -> None:
     @functools.wraps(original_schedule)
     def schedule(self, *args, **kwargs):
         scheduler_output = original_schedule(self, *args, **kwargs)
-        if controller_of(self) is not None and self.__dict__["_vllm_steer_updates"]:
-            setattr(scheduler_output, FASB_UPDATES_ATTR, self.__dict__["_vllm_steer_updates"])
-            self.__dict__["_vllm_steer_updates"] = []
+        state = steering_state(self)
+        if state is not None and state.updates:
+            setattr(scheduler_output, FASB_UPDATES_ATTR, state.updates)
+            state.updates = []
         return scheduler_output
 
     Scheduler.schedule = schedule
@@ -259,9 +341,9 @@ def install() -> None:
 
     @functools.wraps(original_free)
     def _free_request(self, request, *args, **kwargs):
-        ctl = controller_of(self)
-        if ctl is not None and request.request_id in ctl.requests:
-            ctl.requests[request.request_id].freed = True
+        state = steering_state(self)
+        if state is not None and request.request_id in state.fasb.requests:
+            state.fasb.requests[request.request_id].freed = True
         return original_free(self, request, *args, **kwargs)
 
     Scheduler._free_request = _free_request

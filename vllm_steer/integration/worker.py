@@ -34,6 +34,9 @@ logger = init_logger("vllm_steer")
 PLANNER_ATTR = "_vllm_steer_planner"
 PROBE_SCORES_ATTR = "vllm_steer_probe_scores"  # on ModelRunnerOutput: {req_id: mean P(desired)}
 FASB_UPDATES_ATTR = "vllm_steer_fasb_updates"  # on SchedulerOutput: [FasbUpdate]
+# on ModelRunnerOutput: {req_id: reason} for requests whose steering failed on this worker; the
+# scheduler fails them (their client gets an error) and the engine serves on
+FAILED_REQUESTS_ATTR = "vllm_steer_failed_requests"
 CAPTURER_ATTR = "_vllm_steer_capturer"
 
 
@@ -157,34 +160,48 @@ def _wrap_sample_tokens(cls) -> None:
 
     @functools.wraps(original)
     def sample_tokens(self, *args, **kwargs):
-        scored = _probe_scores(self)
-        if scored is None:
+        planner: StepPlanner | None = getattr(self, PLANNER_ATTR, None)
+        if planner is None:
             return original(self, *args, **kwargs)
-        planner, scores = scored
-        monitored = planner.monitored
-        req_ids = monitored.req_ids
-        if planner.has_adaptive_strength(req_ids):
-            # strength="paper": this step's scores set the next step's strengths, on every rank.
-            scores_cpu = scores.cpu()
-            planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
-        elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
-            # Enqueued before the runner's own device-to-host copy, which waits for this stream:
-            # once its output is ready, so is this copy.
-            scores_cpu = scores.to("cpu", non_blocking=True)
-        else:
-            scores_cpu = scores.cpu()
+        scored = _probe_scores(self)
+        req_ids, scores_cpu = [], None
+        if scored is not None:
+            _, scores = scored
+            monitored = planner.monitored
+            req_ids = monitored.req_ids
+            if planner.has_adaptive_strength(req_ids):
+                # strength="paper": this step's scores set the next step's strengths, on every rank.
+                # The one host sync of the step that is not the scheduler's: the next step's
+                # token scales are planned on the host from these scores.
+                scores_cpu = scores.cpu()
+                planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
+            elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
+                # Enqueued before the runner's own device-to-host copy, which waits for this stream:
+                # once its output is ready, so is this copy.
+                scores_cpu = scores.to("cpu", non_blocking=True)
+            else:
+                scores_cpu = scores.cpu()  # the scores must reach the scheduler with this step
+        failures = planner.take_failures()
         output = original(self, *args, **kwargs)
+        if scores_cpu is None and not failures:
+            return output
+
+        def attach(result):
+            if scores_cpu is not None:
+                setattr(result, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
+            if failures:
+                setattr(result, FAILED_REQUESTS_ATTR, failures)
+            return result
+
         get_output = getattr(output, "get_output", None)
         if get_output is not None and not hasattr(output, "sampled_token_ids"):
             @functools.wraps(get_output)
-            def get_output_with_scores():
-                result = get_output()
-                setattr(result, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
-                return result
+            def get_output_with_steering():
+                return attach(get_output())
 
-            output.get_output = get_output_with_scores
+            output.get_output = get_output_with_steering
         elif output is not None:
-            setattr(output, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
+            attach(output)
         return output
 
     sample_tokens._vllm_steer = True
@@ -257,7 +274,10 @@ def install() -> None:
         updates = getattr(scheduler_output, FASB_UPDATES_ATTR, None)
         if planner is not None and updates:
             for update in updates:
-                planner.apply_update(update, lambda r: _extra_args(self, r))
+                try:
+                    planner.apply_update(update, lambda r: _extra_args(self, r))
+                except Exception as exc:  # fails this request only
+                    planner.record_failure(update.req_id, exc)
         if planner is not None and scheduler_output.finished_req_ids:
             planner.forget(scheduler_output.finished_req_ids)
             capturer = getattr(self, CAPTURER_ATTR, None)
