@@ -42,12 +42,24 @@ def test_nested_and_flat_forms_agree():
         ({"steering": {"pack": "p", "alpha": float("nan")}}, "steering.alpha"),
         ({"steering": {"pack": "p", "alpha": 1e9}}, "steering.alpha"),
         ({"steering": {"pack": "p", "method": "magic"}}, "steering.method"),
-        ({"steering": {"method": "iti"}}, "steering"),
+        ({"steering": {"method": "iti"}}, "steering.pack"),  # cross-field rules name their field
+        ({"steering_method": "iti"}, "steering_pack"),
         ({"steering": {"pack": "p", "alpah": 1.0}}, "steering.alpah"),
         ({"steering": {"pack": "p", "layers": [1, 1]}}, "steering.layers"),
         ({"steering": {"pack": "p", "layers": []}}, "steering.layers"),
         ({"steering": {"pack": "p", "heads": [[1]]}}, "steering.heads"),
-        ({"steering": {"pack": "p", "method": "residual", "heads": [[1, 1]]}}, "steering"),
+        ({"steering": {"pack": "p", "method": "residual", "heads": [[1, 1]]}}, "steering.heads"),
+        ({"steering": {"pack": "p", "steer_from": 3, "prompt_positions": "all"}}, "steering.steer_from"),
+        ({"steering": {"pack": "p", "method": "iti", "backtrack": 3}}, "steering.backtrack"),
+        ({"steering": {"pack": "p", "method": "l2s", "layers": [1]}}, "steering.layers"),
+        # strict JSON types: no string or boolean numbers, no coerced integers
+        ({"steering": {"pack": "p", "alpha": "8"}}, "steering.alpha"),
+        ({"steering": {"pack": "p", "alpha": True}}, "steering.alpha"),
+        ({"steering": {"pack": "p", "layers": ["2"]}}, "steering.layers"),
+        ({"steering": {"pack": "p", "layers": [True]}}, "steering.layers"),
+        ({"steering": {"pack": "p", "heads": [[1.0, 2]]}}, "steering.heads"),
+        ({"steering": {"pack": "p", "method": "fasb", "backtrack": "4"}}, "steering.backtrack"),
+        ({"steering_pack": "p", "steering_method": "fasb", "steering_threshold": "0.5"}, "steering_threshold"),
         ({"steering": {"pack": "p", "prompt_positions": "first"}}, "steering.prompt_positions"),
         ({"steering": "iti"}, "steering"),
         ({"steering_pack": "p", "steering_heads": [1, 2, 3]}, "steering_heads"),
@@ -61,6 +73,32 @@ def test_malformed_specs_name_the_field(extra_args, field):
         parse_spec(extra_args)
     assert e.value.field == field
     assert field in str(e.value)
+
+
+def test_integers_are_numbers_and_lists_are_fine():
+    spec = parse_spec({"steering": {"pack": "p", "alpha": 8, "layers": [2, 1]}})
+    assert spec.alpha == 8.0 and isinstance(spec.alpha, float) and spec.layers == (1, 2)
+
+
+def test_error_messages_cap_echoed_values():
+    huge = "x" * 1_000_000
+    for extra_args in ({"steering": {"pack": "p", "alpha": huge}}, {"steering": {"pack": "p", huge: 1}},
+                       {"steering_pack": "p", "steering_alpha": huge}):
+        with pytest.raises(SpecError) as e:
+            parse_spec(extra_args)
+        assert len(str(e.value)) < 600 and len(e.value.field) < 100
+
+
+def test_flat_specs_checked_against_packs_name_the_flat_key(registry):
+    from vllm_steer.spec import respell_flat
+
+    with pytest.raises(SpecError) as e:
+        registry.resolve(parse_spec({"steering_pack": "missing"}))
+    flat = respell_flat(e.value)
+    assert flat.field == "steering_pack" and "steering_pack" in str(flat) and "steering.pack" not in str(flat)
+    with pytest.raises(SpecError) as e:
+        registry.resolve(SteeringSpec(pack="x" * 128))
+    assert len(str(e.value)) < 600
 
 
 @pytest.mark.parametrize(

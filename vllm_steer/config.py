@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_steer.errors import ConfigError
+from vllm_steer.limits import OperatorLimits
 
 ADDITIONAL_CONFIG_KEY = "steering"
 
@@ -23,6 +24,7 @@ class SteeringConfig(BaseModel):
 
     packs: tuple[str, ...] = Field(default=(), description="steer pack files to load")
     packs_dir: str | None = Field(default=None, description="load every *.safetensors in this folder")
+    limits: OperatorLimits = Field(default_factory=OperatorLimits, description="per-request caps (limits.py)")
     capture: bool = Field(
         default=False,
         description="capture activations for the fit pipeline (needs enforce_eager=True and prefix caching off)",
@@ -40,7 +42,12 @@ class SteeringConfig(BaseModel):
             folder = Path(self.packs_dir)
             if not folder.is_dir():
                 raise ConfigError(f"steering.packs_dir is not a folder: {folder}", field="steering.packs_dir")
-            paths += sorted(folder.glob("*.safetensors"))
+            found = sorted(folder.glob("*.safetensors"))
+            if not found:
+                raise ConfigError(
+                    f"steering.packs_dir {folder} holds no *.safetensors steer pack", field="steering.packs_dir"
+                )
+            paths += found
         return paths
 
 

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from vllm_steer.config import SteeringConfig
 from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.pack import ModelShape, SteerPack, load_pack
-from vllm_steer.spec import SteeringSpec
+from vllm_steer.spec import SteeringSpec, clip
+
+
+def without_paths(value):
+    """``value`` (a pack's free-form metadata) with every absolute file path cut to its file name:
+    a client may learn what a pack was fitted on, not where files lie on the server."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\")) or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return PurePath(value.replace("\\", "/")).name
+    return value
 
 
 @dataclass
@@ -120,10 +133,23 @@ class PackRegistry:
                 "residual_layers": sorted(set(pack.residual_layers.tolist())),
                 "has_probes": manifest.has_probes,
                 "l2s": manifest.l2s.model_dump() if manifest.l2s is not None else None,
-                "metadata": manifest.metadata,
+                "metadata": without_paths(manifest.metadata),
             })
         return out
 
+    def summary_lines(self) -> list[str]:
+        """One line per pack for the start-up log: name, methods and layers."""
+        lines = []
+        for name in sorted(self.packs):
+            pack = self.packs[name]
+            l2s = pack.manifest.l2s
+            lines.append(
+                f"{name!r}: methods {self.methods_of(pack)}, head layers {sorted(set(pack.head_layers.tolist()))}, "
+                f"residual layers {sorted(set(pack.residual_layers.tolist()))}"
+                + (f", L2S reads layer {l2s.read_layer} and steers layer {l2s.steer_layer}" if l2s else "")
+            )
+        return lines
+
     def _unknown_pack(self, name: str | None) -> SpecError:
-        known = sorted(self.packs) or "none"
-        return SpecError(f"steering.pack {name!r} is not loaded (loaded: {known})", field="steering.pack")
+        known = clip(", ".join(sorted(self.packs)) or "none")
+        return SpecError(f"steering.pack {clip(repr(name))} is not loaded (loaded: {known})", field="steering.pack")

@@ -18,9 +18,9 @@ request enters the engine.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from vllm_steer.errors import SpecError
 
@@ -33,6 +33,23 @@ FASB_FIELDS = ("threshold", "backtrack", "min_tokens", "max_backtracks", "streng
 StrengthRule = Literal["code", "paper"]
 MAX_BACKTRACK = 1024
 PromptPositions = Literal["last", "all", "none"]
+MAX_ECHO = 200  # characters of a client's value or key quoted back in an error message
+# JSON numbers only: "8" or true for a float, "2" or 2.0 for an int are refused, not coerced
+Number = Annotated[float, Strict()]
+Integer = Annotated[int, Strict()]
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` cut to ``limit`` characters for an error message (a client's value can be huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _FieldError(ValueError):
+    """A cross-field rule broken by the spec; ``field`` is the one the client should change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class SteeringSpec(BaseModel):
@@ -59,15 +76,15 @@ class SteeringSpec(BaseModel):
 
     pack: str | None = Field(default=None, min_length=1, max_length=128)
     method: SteerMethod = "iti"
-    alpha: float = Field(default=1.0, allow_inf_nan=False, ge=-MAX_ABS_ALPHA, le=MAX_ABS_ALPHA)
-    layers: tuple[int, ...] | None = Field(default=None, min_length=1)
-    heads: tuple[tuple[int, int], ...] | None = Field(default=None, min_length=1)
+    alpha: Number = Field(default=1.0, allow_inf_nan=False, ge=-MAX_ABS_ALPHA, le=MAX_ABS_ALPHA)
+    layers: tuple[Integer, ...] | None = Field(default=None, min_length=1, max_length=1024)
+    heads: tuple[tuple[Integer, Integer], ...] | None = Field(default=None, min_length=1, max_length=1 << 16)
     prompt_positions: PromptPositions = "last"
-    steer_from: int | None = Field(default=None, ge=0, le=1 << 24)
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
-    backtrack: int = Field(default=10, ge=0, le=MAX_BACKTRACK)
-    min_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
-    max_backtracks: int = Field(default=1, ge=0, le=64)
+    steer_from: Integer | None = Field(default=None, ge=0, le=1 << 24)
+    threshold: Number = Field(default=0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    backtrack: Integer = Field(default=10, ge=0, le=MAX_BACKTRACK)
+    min_tokens: Integer | None = Field(default=None, ge=1, le=1 << 20)
+    max_backtracks: Integer = Field(default=1, ge=0, le=64)
     strength: StrengthRule = "code"
 
     @field_validator("layers")
@@ -95,28 +112,31 @@ class SteeringSpec(BaseModel):
     @model_validator(mode="after")
     def _pack_needed(self) -> SteeringSpec:
         if self.method != "off" and self.pack is None:
-            raise ValueError(f"method {self.method!r} needs a pack")
+            raise _FieldError("pack", f"method {self.method!r} needs a pack")
         if self.heads is not None and self.method not in ("iti", "fasb"):
-            raise ValueError("heads selects ITI heads; it needs method 'iti' or 'fasb'")
+            raise _FieldError("heads", "heads selects ITI heads; it needs method 'iti' or 'fasb'")
         if self.method == "l2s":
             if self.prompt_positions == "all" or self.steer_from is not None:
-                raise ValueError(
+                raise _FieldError(
+                    "steer_from" if self.steer_from is not None else "prompt_positions",
                     "l2s steers from the last prompt token ('last') or generated tokens only ('none'): its "
-                    "vector is known only once the whole prompt went through layer L'"
+                    "vector is known only once the whole prompt went through layer L'",
                 )
             if self.layers is not None:
-                raise ValueError("layers does not apply to method 'l2s' (the pack names its layer)")
+                raise _FieldError("layers", "layers does not apply to method 'l2s' (the pack names its layer)")
         if self.method == "mean_s" and self.layers is not None:
-            raise ValueError("layers does not apply to method 'mean_s' (the pack names its layer)")
+            raise _FieldError("layers", "layers does not apply to method 'mean_s' (the pack names its layer)")
         if self.steer_from is not None:
             if self.method == "fasb":
-                raise ValueError("steer_from does not apply to method 'fasb' (it steers from its backtrack)")
+                raise _FieldError(
+                    "steer_from", "steer_from does not apply to method 'fasb' (it steers from its backtrack)"
+                )
             if "prompt_positions" in self.model_fields_set:
-                raise ValueError("give prompt_positions or steer_from, not both")
+                raise _FieldError("steer_from", "give prompt_positions or steer_from, not both")
         if self.method != "fasb":
             misplaced = [f for f in FASB_FIELDS if f in self.model_fields_set]
             if misplaced:
-                raise ValueError(f"{misplaced[0]} applies to method 'fasb' only")
+                raise _FieldError(misplaced[0], f"{misplaced[0]} applies to method 'fasb' only")
         return self
 
     @property
@@ -152,20 +172,36 @@ class SteeringSpec(BaseModel):
         return num_prompt_tokens
 
 
-def _field_name(loc: tuple[Any, ...], flat: bool) -> str:
+def field_name(names: list[str], flat: bool) -> str:
     """The field as the client spelled it: ``steering.alpha`` (nested) or ``steering_alpha`` (flat)."""
-    names = [str(p) for p in loc if not isinstance(p, int)]
     if not names:
         return SPEC_KEY
     return FLAT_PREFIX + ".".join(names) if flat else ".".join([SPEC_KEY, *names])
 
 
+def respell_flat(exc: SpecError) -> SpecError:
+    """``exc`` with its field (and the field's mention in its message) in the flat spelling, for a
+    spec that came as flat ``steering_*`` keys."""
+    field = exc.field
+    if not field or not field.startswith(SPEC_KEY + "."):
+        return exc
+    flat = FLAT_PREFIX + field[len(SPEC_KEY) + 1:]
+    return SpecError(str(exc).replace(field, flat), field=flat)
+
+
 def _raise_from_validation(exc: ValidationError, flat: bool) -> None:
     err = exc.errors()[0]
-    field = _field_name(tuple(err["loc"]), flat)
+    names = [clip(str(p), 64) for p in err["loc"] if not isinstance(p, int)]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):
+        names = [cause.field]
+        message = str(cause)
+    else:
+        message = err["msg"]
+    field = field_name(names, flat)
     value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
-    raise SpecError(f"invalid steering spec: {field}: {err['msg']}{shown}", field=field) from None
+    shown = f" (got {clip(repr(value))})" if not isinstance(value, (dict, list)) else ""
+    raise SpecError(f"invalid steering spec: {field}: {message}{shown}", field=field) from None
 
 
 def _unflatten(extra_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,6 +217,11 @@ def _unflatten(extra_args: Mapping[str, Any]) -> dict[str, Any]:
             )
         flat["heads"] = [heads[i : i + 2] for i in range(0, len(heads), 2)]
     return flat
+
+
+def is_flat(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether ``extra_args`` carries its spec as flat ``steering_*`` keys."""
+    return bool(extra_args) and SPEC_KEY not in extra_args and any(k.startswith(FLAT_PREFIX) for k in extra_args)
 
 
 def parse_spec(extra_args: Mapping[str, Any] | None) -> SteeringSpec | None:

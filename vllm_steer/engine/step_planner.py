@@ -29,7 +29,7 @@ from vllm_steer.pack import SteerPack
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SteeringSpec, parse_spec
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm." + __name__)  # under vLLM's logger, so its handlers show it
 NO_STEERING = np.iinfo(np.int64).max  # a steer_start no position reaches
 
 

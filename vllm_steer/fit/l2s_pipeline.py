@@ -108,7 +108,7 @@ def fit_l2s_pack(model: str, dataset: str | Path, out: str | Path, options: L2SF
     manifest = PackManifest(
         name=options.name, model=shape, methods=["l2s", "mean_s"], num_heads_selected=0,
         l2s=L2SInfo(read_layer=options.read_layer, steer_layer=options.steer_layer, width=fit.w_in.shape[0]),
-        metadata={"source": "vllm-steer fit l2s", "dataset": str(dataset), "l2s": record},
+        metadata={"source": "vllm-steer fit l2s", "dataset": Path(dataset).name, "l2s": record},
     )
     pack = build_pack(manifest, {"l2s.w_in": fit.w_in, "l2s.b_in": fit.b_in, "l2s.w_out": fit.w_out,
                                  "l2s.mean": fit.mean})

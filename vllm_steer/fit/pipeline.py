@@ -170,7 +170,7 @@ def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: Fi
         residual_layers=res_layers,
         has_probes=True,
         metadata={
-            "dataset": str(dataset),
+            "dataset": Path(dataset).name,
             "num_examples": len(examples),
             "split": {"train": len(train_idx), "val": len(val_idx), "by": "group", "seed": options.seed,
                       "val_fraction": options.val_fraction},

@@ -12,18 +12,19 @@ Errors are raised as vLLM's ``VLLMValidationError`` (HTTP 400 on the server) nam
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any
+
+from vllm.logger import init_logger
 
 from vllm_steer.config import ADDITIONAL_CONFIG_KEY, SteeringConfig, steering_config_from
 from vllm_steer.engine.activation_capture import CAPTURE_KEY, parse_capture
 from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.pack_registry import PackRegistry
-from vllm_steer.spec import SPEC_KEY, SteeringSpec, parse_spec
+from vllm_steer.spec import SPEC_KEY, SteeringSpec, is_flat, parse_spec, respell_flat
 
-logger = logging.getLogger("vllm_steer")
+logger = init_logger("vllm.vllm_steer")
 
 # id(ModelConfig) -> (ModelConfig, PackRegistry, SteeringConfig). The ModelConfig is kept so its id
 # is not reused.
@@ -47,7 +48,11 @@ def check_spec_against(params, registry: PackRegistry, config: SteeringConfig) -
         spec = parse_spec(params.extra_args)
         capture = parse_capture(params.extra_args)
         if spec is not None:
-            registry.resolve(spec)
+            try:
+                registry.resolve(spec)
+                config.limits.check(spec)
+            except SpecError as exc:
+                raise respell_flat(exc) if is_flat(params.extra_args) else exc from None
         if capture is not None and not config.capture:
             raise SpecError("this engine was not started with steering.capture", field=CAPTURE_KEY)
     except SpecError as exc:
@@ -81,6 +86,13 @@ def _select_v1_model_runner() -> None:
                     V2_RUNNER_ENV)
 
 
+def _log_packs(registry: PackRegistry, config: SteeringConfig) -> None:
+    for line in registry.summary_lines():
+        logger.info("vllm-steer: loaded steer pack %s", line)
+    logger.info("vllm-steer: %d steer pack(s) loaded; per-request limits: %s", len(registry.packs),
+                config.limits.model_dump())
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
@@ -107,6 +119,7 @@ def install() -> None:
                 )
             registry = PackRegistry.from_config(config, model_shape_of(model_config))
             _REGISTRIES[id(model_config)] = (model_config, registry, config)
+            _log_packs(registry, config)
             hooked = {"head": registry.head_layers, "residual": registry.residual_layers}
             vllm_config.additional_config = {
                 **vllm_config.additional_config,

@@ -6,6 +6,8 @@
   same validation as offline requests (``frontend.py``): a bad value is a ``VLLMValidationError``,
   i.e. HTTP 400 naming the field, raised before any streaming starts. The flat ``vllm_xargs`` form
   (``steering_pack``, ``steering_alpha``, ...) needs nothing here.
+* Routes that do not steer refuse steering requests with 400 (``route_guard.py``); beam search on
+  the steering routes is refused too (vLLM builds its own params for it, without ``extra_args``).
 * ``GET /v1/steering/packs``: the loaded packs (name, methods, model shape, K, layers, metadata).
   There is no endpoint that loads a file: packs come only from the operator's ``--steering-packs``.
 * ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from the
@@ -22,7 +24,8 @@ from typing import Any
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.integration.engine_stats import ENGINE_STATS_UTILITY
-from vllm_steer.spec import SPEC_KEY
+from vllm_steer.integration.route_guard import SteeringRouteGuard
+from vllm_steer.spec import FLAT_PREFIX, SPEC_KEY
 
 PACKS_ROUTE = "/v1/steering/packs"
 _APP_MODULE = "vllm.entrypoints.launchers.app"
@@ -39,6 +42,12 @@ def _steering_enabled(args: Any) -> bool:
 
 
 # -- request bodies --------------------------------------------------------------------------------
+def _carries_steering(request) -> bool:
+    extra = request.model_extra or {}
+    xargs = getattr(request, "vllm_xargs", None) or {}
+    return SPEC_KEY in extra or any(k == SPEC_KEY or k.startswith(FLAT_PREFIX) for k in xargs)
+
+
 def _wrap_to_sampling_params(request_cls) -> None:
     original = request_cls.to_sampling_params
     if getattr(original, "_vllm_steer", False):
@@ -49,7 +58,7 @@ def _wrap_to_sampling_params(request_cls) -> None:
         extra = self.model_extra or {}
         if SPEC_KEY in extra:
             xargs = dict(self.vllm_xargs or {})
-            if SPEC_KEY in xargs:
+            if SPEC_KEY in xargs or any(k.startswith(FLAT_PREFIX) for k in xargs):
                 from vllm.exceptions import VLLMValidationError
 
                 raise VLLMValidationError(
@@ -64,6 +73,24 @@ def _wrap_to_sampling_params(request_cls) -> None:
 
     to_sampling_params._vllm_steer = True
     request_cls.to_sampling_params = to_sampling_params
+
+    original_beam = getattr(request_cls, "to_beam_search_params", None)
+    if original_beam is None:
+        return
+
+    @functools.wraps(original_beam)
+    def to_beam_search_params(self, *args, **kwargs):
+        if _carries_steering(self):
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                "steering does not apply to beam search (use_beam_search): vLLM runs beam search "
+                "without the request's steering; drop one of the two",
+                parameter="use_beam_search",
+            )
+        return original_beam(self, *args, **kwargs)
+
+    request_cls.to_beam_search_params = to_beam_search_params
 
 
 def _check_against_the_engine(params) -> None:
@@ -104,6 +131,7 @@ def _add_routes(app) -> None:
         return JSONResponse({"object": "list", "data": registry.describe()})
 
     app.add_api_route(PACKS_ROUTE, list_packs, methods=["GET"], name="vllm_steer_list_packs")
+    app.add_middleware(SteeringRouteGuard)
 
     @app.middleware("http")
     async def refresh_steering_metrics(request: Request, call_next):

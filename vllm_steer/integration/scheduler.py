@@ -43,7 +43,7 @@ from vllm_steer.integration.prefix_cache import set_steering_cache_key
 from vllm_steer.integration.worker import FAILED_REQUESTS_ATTR, FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
 from vllm_steer.spec import parse_spec
 
-logger = init_logger("vllm_steer")
+logger = init_logger("vllm.vllm_steer")
 _STATE_ATTR = "_vllm_steer"
 _CARRIED_FIELDS = ("prefill_stats", "new_prompt_logprobs_tensors", "prompt_token_id_logprobs")
 

@@ -12,11 +12,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from pydantic import ValidationError
+
 from vllm_steer.config import ADDITIONAL_CONFIG_KEY
 from vllm_steer.errors import ConfigError
+from vllm_steer.limits import OperatorLimits
 
 PLUGIN_FLAG = "--steering-plugin"
 PACKS_FLAG = "--steering-packs"
+# flag -> the OperatorLimits field it sets
+LIMIT_FLAGS = {
+    "--steering-max-backtracks": "max_backtracks",
+    "--steering-max-backtrack-tokens": "max_backtrack_tokens",
+    "--steering-max-recomputed-tokens": "max_recomputed_tokens",
+}
 
 
 def add_steering_flags(parser) -> None:
@@ -32,26 +41,46 @@ def add_steering_flags(parser) -> None:
         help="Load every *.safetensors steer pack in DIR at start-up, checked against the model. "
         "Requests name packs by their manifest name; no file outside DIR is ever read.",
     )
+    for flag, name in LIMIT_FLAGS.items():
+        info = OperatorLimits.model_fields[name]
+        group.add_argument(flag, metavar="N", type=int, default=None,
+                           help=f"Per-request limit: the {info.description} (default {info.default}).")
 
 
 def steering_config_from_flags(args: Any, additional_config: dict | None) -> dict | None:
     """``additional_config`` with the steering config the flags ask for (None: flags not used)."""
     plugin = bool(getattr(args, "steering_plugin", False))
     packs_dir = getattr(args, "steering_packs", None)
+    limits = {name: getattr(args, _dest(flag), None) for flag, name in LIMIT_FLAGS.items()}
+    limits = {name: value for name, value in limits.items() if value is not None}
     if not plugin:
-        if packs_dir is not None:
-            raise ConfigError(f"{PACKS_FLAG} needs {PLUGIN_FLAG}", field=PACKS_FLAG)
+        given = [PACKS_FLAG] if packs_dir is not None else []
+        given += [flag for flag, name in LIMIT_FLAGS.items() if name in limits]
+        if given:
+            raise ConfigError(f"{given[0]} needs {PLUGIN_FLAG}", field=given[0])
         return None
+    if packs_dir is None:
+        raise ConfigError(f"{PLUGIN_FLAG} needs {PACKS_FLAG} DIR: the folder of steer packs to serve",
+                          field=PACKS_FLAG)
     if additional_config and ADDITIONAL_CONFIG_KEY in additional_config:
         raise ConfigError(
             f"give the steering config either as --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
             f"or with {PLUGIN_FLAG}/{PACKS_FLAG}, not both",
             field=PLUGIN_FLAG,
         )
-    steering: dict[str, Any] = {}
-    if packs_dir is not None:
-        steering["packs_dir"] = str(packs_dir)
+    steering: dict[str, Any] = {"packs_dir": str(packs_dir)}
+    if limits:
+        try:
+            steering["limits"] = OperatorLimits(**limits).model_dump()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            flag = next(f for f, n in LIMIT_FLAGS.items() if n == err["loc"][0])
+            raise ConfigError(f"{flag}: {err['msg']}", field=flag) from None
     return {**(additional_config or {}), ADDITIONAL_CONFIG_KEY: steering}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def install() -> None:

@@ -30,7 +30,7 @@ from vllm_steer.integration.model_hooks import install_capture_hooks, install_ho
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
 from vllm_steer.pack_registry import PackRegistry
 
-logger = init_logger("vllm_steer")
+logger = init_logger("vllm.vllm_steer")
 PLANNER_ATTR = "_vllm_steer_planner"
 PROBE_SCORES_ATTR = "vllm_steer_probe_scores"  # on ModelRunnerOutput: {req_id: mean P(desired)}
 FASB_UPDATES_ATTR = "vllm_steer_fasb_updates"  # on SchedulerOutput: [FasbUpdate]
