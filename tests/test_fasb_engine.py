@@ -256,7 +256,7 @@ def _mixed_load_leaks_nothing(case, small, num_requests: int) -> None:
     small.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(2), use_tqdm=False)
     idle = _kv_usage(small)
     prompts = _prompts(case, num_requests, seed=9)
-    kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed", "fasb_paper"]
+    kinds = ["vanilla", "iti", "fasb", "fasb_abort", "fasb_probed", "fasb_paper", "fasb_fitted"]
     requests, expected_kind = [], {}
     for i, prompt in enumerate(prompts):
         kind = kinds[i % len(kinds)]
@@ -269,6 +269,10 @@ def _mixed_load_leaks_nothing(case, small, num_requests: int) -> None:
             "fasb_probed": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3},
             "fasb_paper": {"pack": "probed", "method": "fasb", "alpha": 8.0, "backtrack": 3, "min_tokens": 3,
                            "threshold": 0.6, "strength": "paper"},
+            # varying scores, backtracks that fire again right after one another (up to 8)
+            "fasb_fitted": {"pack": "fitted", "method": "fasb", "alpha": 4.0, "threshold": 0.5,
+                            "backtrack": 1 + i % 4, "min_tokens": 1 + i % 3, "max_backtracks": 2 + i % 7,
+                            **({"strength": "paper"} if i % 2 else {})},
         }[kind]
         requests.append((f"load{i}", prompt, greedy(24, spec)))
         expected_kind[f"load{i}"] = kind

@@ -10,62 +10,29 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import close_llm, make_llm
-from vllm_steer.pack import save_pack
+from served_process import SERVED_NAME, free_port, metric, server_command, start_server
+from vllm_steer.pack import build_pack, save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack, with_constant_probes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SERVED_NAME = "demo"  # the README examples' model name
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, max_num_seqs=16, seed=0, block_size=32, enforce_eager=True)
 CONSTANT_P = 0.3  # the "crafted" pack's probes score every token at this P(desired)
 PROMPTS = ["The capital of France is", "hello world, this is", "Is the earth flat?"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _server_command(entry: str, model: Path, packs: Path, port: int) -> list[str]:
-    flags = ["--steering-plugin", "--steering-packs", str(packs), "--host", "127.0.0.1", "--port", str(port),
-             "--served-model-name", SERVED_NAME]
-    for key, value in ENGINE_ARGS.items():
-        flag = "--" + key.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
-    if entry == "vllm serve":
-        return [str(Path(sys.executable).parent / "vllm"), "serve", str(model), *flags]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags]
-
-
-class Served:
-    def __init__(self, model: Path, packs: dict[str, Path], port: int, proc, log: Path):
-        self.model, self.packs, self.port, self.proc, self.log = model, packs, port, proc, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.url + "/v1", api_key="EMPTY", max_retries=0)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+    # with the scale-out routes, so the route walk below meets them too
+    extra = ("--enable-scale-out",) if entry == "vllm serve" else ()
+    return server_command(entry, model, packs, port, ENGINE_ARGS, extra)
 
 
 @pytest.fixture(scope="module")
@@ -74,35 +41,18 @@ def served(tiny_model, tmp_path_factory):
     shape = shape_of_checkpoint(model)
     folder = tmp_path_factory.mktemp("served_packs")
     truthful = random_pack(shape, "truthful", num_heads_selected=6, with_probes=True, seed=11, sigma_scale=4.0)
+    # metadata as a fit on this machine might have written it: the endpoint must not show the path
+    truthful = build_pack(truthful.manifest.model_copy(update={"metadata": {
+        **truthful.manifest.metadata, "dataset": str(folder / "private" / "tqa.jsonl")}}), truthful.tensors())
     crafted = with_constant_probes(truthful, CONSTANT_P, name="crafted")
     plain = random_pack(shape, "plain", num_heads_selected=3, seed=5)  # ITI without probes
     packs = {name: save_pack(folder / f"{name}.safetensors", pack)
              for name, pack in (("truthful", truthful), ("crafted", crafted), ("plain", plain))}
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(_server_command("vllm serve", model, folder, port), stdout=sink,
-                                stderr=subprocess.STDOUT)
-    server = Served(model, packs, port, proc, log)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vllm serve did not come up in 300 s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
+    server = start_server(_server_command("vllm serve", model, folder, port), model, packs, port, log)
     yield server
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +84,11 @@ def test_packs_endpoint_lists_the_loaded_packs(served):
     assert packs["plain"]["model"] == shape.model_dump()
     assert packs["truthful"]["metadata"]["seed"] == 11
     assert "source" not in json.dumps(packs["plain"]["model"]) and str(served.packs["plain"]) not in json.dumps(body)
+    assert packs["truthful"]["metadata"]["dataset"] == "tqa.jsonl" and str(served.packs["plain"].parent) not in json.dumps(body)
+    # the start-up log names each loaded pack with its methods and layers
+    log = served.log.read_text()
+    for name in ("truthful", "crafted", "plain"):
+        assert f"loaded steer pack '{name}': methods" in log
 
 
 def test_completions_match_offline_llm(served, offline):
@@ -206,6 +161,13 @@ def test_streamed_fasb_backtracking_equals_the_non_streamed_result(served, offli
     assert after["vllm_steer:recomputed_tokens_total"] - before["vllm_steer:recomputed_tokens_total"] == 16
     assert after['vllm_steer:requests_total{method="fasb"}'] - before.get(
         'vllm_steer:requests_total{method="fasb"}', 0.0) == 4
+    # one observation per finished FASB request: each recomputed 4 tokens
+    count = "vllm_steer:recomputed_tokens_per_request_count"
+    assert after[count] - before.get(count, 0.0) == 4
+    le4 = 'vllm_steer:recomputed_tokens_per_request_bucket{le="4"}'
+    le2 = 'vllm_steer:recomputed_tokens_per_request_bucket{le="2"}'
+    assert (after[le4] - before.get(le4, 0.0)) - (after[le2] - before.get(le2, 0.0)) == 4
+    assert after["vllm_steer:failed_requests_total"] == 0
 
 
 BAD_REQUESTS = [
@@ -219,6 +181,18 @@ BAD_REQUESTS = [
     ({"steering": {"pack": "truthful"}, "vllm_xargs": {"steering_alpha": 2.0}}, "steering"),
     ({"vllm_xargs": {"steering_pack": "truthful", "steering_alpha": "x"}}, "steering_alpha"),
     ({"vllm_xargs": {"steering_pack": "truthful", "steering_heads": [0, 1, 2]}}, "steering_heads"),
+    ({"vllm_xargs": {"steering_pack": "nope"}}, "steering_pack"),  # checked against the packs: flat key
+    ({"vllm_xargs": {"steering_pack": "truthful", "steering_heads": [99, 0]}}, "steering_heads"),
+    ({"steering": {"pack": "truthful", "alpha": "8"}}, "steering.alpha"),  # strict types
+    ({"steering": {"pack": "truthful", "layers": ["2"]}}, "steering.layers"),
+    ({"steering": {"method": "iti"}}, "steering.pack"),  # cross-field rules name their field
+    ({"steering": {"pack": "truthful", "alpha": 1.0, "x" * 100_000: 1}}, None),  # echo capped (below)
+    # operator limits (the defaults: 8 backtracks, 64 tokens each, 256 in all)
+    ({"steering": {**{"pack": "truthful", "method": "fasb"}, "max_backtracks": 64, "backtrack": 1}},
+     "steering.max_backtracks"),
+    ({"steering": {"pack": "truthful", "method": "fasb", "backtrack": 1024}}, "steering.backtrack"),
+    ({"vllm_xargs": {"steering_pack": "truthful", "steering_method": "fasb", "steering_backtrack": 64,
+                     "steering_max_backtracks": 8}}, "steering_max_backtracks"),
 ]
 
 
@@ -232,22 +206,74 @@ def test_invalid_specs_get_http_400_naming_the_field(served, endpoint, stream):
         for fields, param in BAD_REQUESTS:
             body = {"model": SERVED_NAME, "max_tokens": 4, "stream": stream, **base, **fields}
             response = http.post(path, json=body)
-            assert response.status_code == 400, (fields, response.text)
+            assert response.status_code == 400, (str(fields)[:200], response.text[:500])
+            assert len(response.content) < 2000  # values and keys are quoted back cut short
             error = response.json()["error"]
+            if param is None:
+                continue
             assert error["param"] == param, (fields, error)
-            assert param.split(".")[-1].split("_")[-1] in error["message"]
+            assert param in error["message"]
         good = http.post(path, json={"model": SERVED_NAME, "max_tokens": 4, **base,
                                      "steering": {"pack": "truthful", "alpha": 2.0}})
         assert good.status_code == 200
 
 
-def _metric(metrics: dict[str, float], name: str) -> float:
-    return sum(v for k, v in metrics.items() if re.fullmatch(re.escape(name) + r"(\{.*\})?", k))
+def test_beam_search_with_steering_is_refused(served):
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        for path, base in (("/v1/completions", {"prompt": "hello"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]})):
+            body = {"model": SERVED_NAME, "max_tokens": 4, "use_beam_search": True, "n": 2, **base}
+            for steering in ({"steering": {"pack": "truthful", "alpha": 2.0}},
+                             {"vllm_xargs": {"steering_pack": "truthful"}}):
+                response = http.post(path, json={**body, **steering})
+                assert response.status_code == 400, response.text
+                assert response.json()["error"]["param"] == "use_beam_search"
+            assert http.post(path, json=body).status_code == 200  # plain beam search still works
+
+
+def test_every_route_that_does_not_steer_refuses_steering_requests(served):
+    """Walks the running server's own route list, so a route a future vLLM adds is covered too."""
+    from vllm_steer.integration.route_guard import STEERING_ROUTES
+
+    schema = httpx.get(served.url + "/openapi.json", timeout=30).json()
+    posts = sorted(path for path, ops in schema["paths"].items() if "post" in ops)
+    assert STEERING_ROUTES <= set(posts)
+    assert {"/v1/responses", "/v1/messages", "/generative_scoring", "/inference/v1/generate"} <= set(posts)
+    forms = [
+        ({"steering": {"pack": "truthful", "alpha": 2.0}}, "steering"),
+        ({"steering": {"pack": "nope", "alpha": "abc"}}, "steering"),  # refused before any validation
+        ({"vllm_xargs": {"steering_pack": "truthful", "steering_alpha": 2.0}}, "vllm_xargs.steering_pack"),
+        ({"sampling_params": {"max_tokens": 2, "extra_args": {"steering": {"pack": "truthful"}}}},
+         "sampling_params.extra_args.steering"),
+    ]
+    base = {"model": SERVED_NAME, "prompt": "hi", "input": "hi", "max_tokens": 2, "token_ids": [5, 6],
+            "messages": [{"role": "user", "content": "hi"}]}
+    refused = 0
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        for path in posts:
+            if path in STEERING_ROUTES:
+                continue
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            for fields, param in forms:
+                for stream in (False, True):
+                    response = http.post(url, json={**base, **fields, "stream": stream})
+                    assert response.status_code == 400, (path, fields, response.status_code, response.text[:300])
+                    error = response.json()["error"]
+                    assert error["param"] == param and url in error["message"], (path, error)
+                    refused += 1
+        # the same bodies without steering reach the routes as before (the guard is transparent)
+        assert http.post("/v1/responses", json={"model": SERVED_NAME, "input": "hi", "max_output_tokens": 4}).status_code == 200
+        assert http.post("/tokenize", json={"model": SERVED_NAME, "prompt": "hi"}).json()["tokens"]
+        generate = http.post("/inference/v1/generate", json={
+            "model": SERVED_NAME, "token_ids": [5, 6, 7], "sampling_params": {"max_tokens": 2}})
+        assert generate.status_code == 200, generate.text
+    assert refused >= 8 * len(forms) * 2
+    assert served.proc.poll() is None
 
 
 def test_bounded_load_of_mixed_requests_leaves_the_server_idle_and_clean(served):
     idle_before = served.metrics()
-    assert _metric(idle_before, "vllm:kv_cache_usage_perc") == 0.0
+    assert metric(idle_before, "vllm:kv_cache_usage_perc") == 0.0
     kinds = ["plain", "iti", "fasb", "fasb_probed", "abort", "chat_fasb"]
     specs = {
         "plain": None,
@@ -285,15 +311,8 @@ def test_bounded_load_of_mixed_requests_leaves_the_server_idle_and_clean(served)
     results = asyncio.run(run_all())
     assert all(code == 200 for _, code in results), [r for r in results if r[1] != 200]
     # back to idle: no request running or waiting, every KV block free again, no slot held
-    deadline = time.monotonic() + 60
-    while True:
-        m = served.metrics()
-        settled = (_metric(m, "vllm:num_requests_running") == 0 and _metric(m, "vllm:num_requests_waiting") == 0
-                   and _metric(m, "vllm:kv_cache_usage_perc") == 0.0 and m["vllm_steer:slots_in_use"] == 0)
-        if settled or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert settled, {k: v for k, v in m.items() if "running" in k or "kv_cache_usage" in k or "slots" in k}
+    m = served.wait_until_idle()
+    assert served.is_idle(m), {k: v for k, v in m.items() if "running" in k or "kv_cache_usage" in k or "slots" in k}
     assert m["vllm_steer:backtracks_total"] > idle_before["vllm_steer:backtracks_total"]
     assert served.proc.poll() is None
     assert httpx.get(served.url + "/health", timeout=10).status_code == 200
@@ -330,7 +349,12 @@ def test_the_api_server_module_takes_the_flags_and_a_bad_pack_stops_start_up(ser
     folder = tmp_path / "packs"
     folder.mkdir()
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
-    cmd = _server_command("python -m", served.model, folder, _free_port())
+    cmd = _server_command("python -m", served.model, folder, free_port())
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "broken.safetensors" in done.stdout + done.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(_server_command("python -m", served.model, empty, free_port()), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "holds no *.safetensors steer pack" in done.stdout + done.stderr

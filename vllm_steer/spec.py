@@ -18,6 +18,7 @@ request enters the engine.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
@@ -185,8 +186,8 @@ def respell_flat(exc: SpecError) -> SpecError:
     field = exc.field
     if not field or not field.startswith(SPEC_KEY + "."):
         return exc
-    flat = FLAT_PREFIX + field[len(SPEC_KEY) + 1:]
-    return SpecError(str(exc).replace(field, flat), field=flat)
+    message = re.sub(rf"\b{SPEC_KEY}\.(\w)", rf"{FLAT_PREFIX}\1", str(exc))
+    return SpecError(message, field=FLAT_PREFIX + field[len(SPEC_KEY) + 1:])
 
 
 def _raise_from_validation(exc: ValidationError, flat: bool) -> None:

@@ -148,7 +148,7 @@ class _SteeringCollector:
         self.stats: dict = {}
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         stats = self.stats
         by_method = CounterMetricFamily(
@@ -163,8 +163,17 @@ class _SteeringCollector:
             ("backtracks", "FASB backtracks (each drops up to s generated tokens and regenerates them)"),
             ("recomputed_tokens", "Generated tokens dropped by FASB backtracks and generated again"),
             ("l2s_predictions", "L2S predictor runs (one per L2S request)"),
+            ("failed_requests", "Requests failed by an unexpected error in steering code (the engine served on)"),
         ):
             yield CounterMetricFamily(f"vllm_steer:{key}", help_text, value=stats.get(key, 0))
+        per_request = stats.get("recomputed_tokens_per_request")
+        if per_request:
+            yield HistogramMetricFamily(
+                "vllm_steer:recomputed_tokens_per_request",
+                "Generated tokens one finished FASB request's backtracks recomputed",
+                buckets=[(str(bound), count) for bound, count in per_request["buckets"]],
+                sum_value=per_request["sum"],
+            )
         yield GaugeMetricFamily("vllm_steer:slots_in_use", "Steering slots held by running requests",
                                 value=stats.get("slots_in_use", 0))
         yield GaugeMetricFamily("vllm_steer:slots_total", "Steering slots of the engine (max_num_seqs)",
