@@ -89,3 +89,39 @@ def test_clients_see_no_server_paths_and_the_log_names_each_pack(tmp_path):
                 "home": "~/x.csv", "name": "fine/relative.jsonl", "k": 3}
     assert without_paths(metadata) == {"dataset": "tqa.jsonl", "nested": [{"model": "llama"}], "home": "x.csv",
                                        "name": "fine/relative.jsonl", "k": 3}
+
+
+def test_configurations_steering_cannot_honour_are_named():
+    from types import SimpleNamespace
+
+    from vllm_steer.integration.frontend import unsupported_features
+
+    def config(speculative=None, **parallel):
+        base = dict(pipeline_parallel_size=1, enable_dbo=False, ubatch_size=0, decode_context_parallel_size=1,
+                    prefill_context_parallel_size=1)
+        return SimpleNamespace(speculative_config=speculative, parallel_config=SimpleNamespace(**{**base, **parallel}))
+
+    assert unsupported_features(config()) == []
+    assert unsupported_features(config(tensor_parallel_size=2)) == []
+    for cfg, words in [(config(speculative=object()), "speculative decoding"),
+                       (config(pipeline_parallel_size=2), "pipeline parallelism"),
+                       (config(enable_dbo=True), "dual-batch overlap"),
+                       (config(ubatch_size=2), "micro-batching"),
+                       (config(decode_context_parallel_size=2), "context parallelism")]:
+        (reason,) = unsupported_features(cfg)
+        assert words in reason
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}},
+     "speculative decoding"),
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+])
+def test_a_steering_engine_with_such_a_configuration_does_not_start(tiny_model, tmp_path, overrides, words):
+    from conftest import make_llm
+    from vllm_steer.pack.hf_shape import shape_of_checkpoint
+
+    path = tiny_model("llama")
+    pack = save_pack(tmp_path / "p.safetensors", random_pack(shape_of_checkpoint(path), "p", num_heads_selected=2))
+    with pytest.raises(ConfigError, match=words):
+        make_llm(path, packs=[pack], **overrides)

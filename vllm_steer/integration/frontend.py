@@ -86,6 +86,27 @@ def _select_v1_model_runner() -> None:
                     V2_RUNNER_ENV)
 
 
+def unsupported_features(vllm_config) -> list[str]:
+    """The parts of an engine configuration steering cannot honour, each with its reason (empty
+    when it can). A steering engine with any of them is refused at start-up, never run unsteered."""
+    parallel = vllm_config.parallel_config
+    found = []
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        found.append("speculative decoding (speculative_config): draft and verified tokens share a step, "
+                     "while steering slots and FASB's probe scores assume one sampled token per step")
+    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        found.append("pipeline parallelism (pipeline_parallel_size > 1): FASB's score needs the probes of "
+                     "every stage and the steering hooks are not placed per stage")
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
+        found.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size): the per-token "
+                     "steering slots cover a whole step, not a micro-batch")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            found.append(f"context parallelism ({name} > 1): a request's tokens and heads are split "
+                         "in ways the steering table does not follow")
+    return found
+
+
 def _log_packs(registry: PackRegistry, config: SteeringConfig) -> None:
     for line in registry.summary_lines():
         logger.info("vllm-steer: loaded steer pack %s", line)
@@ -109,6 +130,10 @@ def install() -> None:
         vllm_config = original_create(self, *args, **kwargs)
         config = steering_config_from(vllm_config.additional_config)
         if config is not None:
+            refused = unsupported_features(vllm_config)
+            if refused:
+                raise ConfigError("vllm-steer cannot steer this engine configuration: " + "; ".join(refused),
+                                  field="steering")
             model_config = vllm_config.model_config
             if config.capture and not model_config.enforce_eager:
                 raise ConfigError("steering.capture needs enforce_eager=True", field="steering.capture")
