@@ -29,11 +29,12 @@ class SteeringConfig(BaseModel):
         default=False,
         description="capture activations for the fit pipeline (needs enforce_eager=True and prefix caching off)",
     )
-    hooked_layers: dict[str, list[int]] | None = Field(
+    hooked_layers: dict[str, Any] | None = Field(
         default=None,
-        description="filled in by the plugin at start-up: the layers the steering op is put into. "
-        "It is part of additional_config, which vLLM hashes into its torch.compile cache key, so a "
-        "graph compiled with other hooks (or none) is never reused.",
+        description="filled in by the plugin at start-up: PackRegistry.graph_key(), the layers the "
+        "steering, probe and L2S ops are put into and each pack's content digest. It is part of "
+        "additional_config, which vLLM hashes into its torch.compile cache key, so a graph compiled "
+        "with other hooks or other packs (or none) is never reused; the workers check it too.",
     )
 
     def pack_paths(self) -> list[Path]:

@@ -56,6 +56,21 @@ class PackRegistry:
         layers |= {p.manifest.l2s.steer_layer for p in self.l2s_packs}
         return sorted(layers)
 
+    def graph_key(self) -> dict:
+        """Everything the model's traced graph and the steering buffers depend on: the layers with
+        the head op, with the probing variant of it, with the residual op, the L2S read/steer layers,
+        and each pack's content digest. It goes into ``additional_config``, which vLLM hashes into
+        its compile-cache key, so a graph compiled for other packs is never reused."""
+        probe_layers = sorted({l for p in self.packs.values() if p.probe_weights is not None
+                               for l in p.head_layers.tolist()})
+        return {
+            "head": self.head_layers,
+            "probe": probe_layers,
+            "residual": self.residual_layers,
+            "l2s": sorted([p.manifest.l2s.read_layer, p.manifest.l2s.steer_layer] for p in self.l2s_packs),
+            "packs": {name: pack.digest() for name, pack in sorted(self.packs.items())},
+        }
+
     @property
     def l2s_packs(self) -> list[SteerPack]:
         return [p for p in self.packs.values() if p.manifest.l2s is not None]

@@ -117,6 +117,7 @@ class StepPlanner:
         self._host_scales = torch.ones(table.token_scales.shape[0], dtype=torch.float32)
         self._scaled_tokens = 0  # how many leading entries of token_scales may differ from 1
         self.monitored = NOTHING_MONITORED  # this step's probed tokens
+        self.hooked_layers: dict = {}  # PackRegistry.graph_key(), set by the worker once the ops are in
 
     # -- request lifecycle -------------------------------------------------------------------
     def steering_of(

@@ -1,4 +1,5 @@
-"""Steering counters of a running engine, gathered in its EngineCore process.
+"""Steering counters of a running engine, gathered in its EngineCore process, and the start-up check
+that every worker of a steering engine really steers.
 
 ``ENGINE_STATS_UTILITY`` is an EngineCore method that front-ends call as a vLLM utility
 (``await engine_client.engine_core.call_utility_async(ENGINE_STATS_UTILITY)`` in the API server,
@@ -8,6 +9,9 @@ rank 0's worker counters. The result is an empty dict for an engine without stee
 
 from __future__ import annotations
 
+import functools
+
+from vllm_steer.config import steering_config_from
 from vllm_steer.integration.scheduler import scheduler_stats
 from vllm_steer.integration.worker import STATS_RPC
 
@@ -25,7 +29,40 @@ def engine_stats(engine_core) -> dict:
     return stats
 
 
+def check_workers_steer(engine_core) -> None:
+    """Fail the engine's start-up unless every worker rank attached the steering hooks the front-end
+    planned (a runner the plugin does not hook, e.g. Model Runner V2 forced by a config, would
+    otherwise serve every request unsteered)."""
+    config = steering_config_from(engine_core.vllm_config.additional_config)
+    if config is None:
+        return
+    ranks = engine_core.model_executor.collective_rpc(STATS_RPC)
+    for rank, stats in enumerate(ranks):
+        if not stats:
+            raise RuntimeError(
+                f"vllm-steer: worker rank {rank} runs a model runner without the steering hooks (the plugin "
+                "hooks vLLM's V1 GPUModelRunner and its CPU subclass; Model Runner V2 is not supported): "
+                "refusing to serve requests unsteered"
+            )
+        if config.hooked_layers is not None and stats.get("hooked_layers") != config.hooked_layers:
+            raise RuntimeError(
+                f"vllm-steer: worker rank {rank} hooked layers {stats.get('hooked_layers')}, "
+                f"the packs need {config.hooked_layers}"
+            )
+
+
 def install() -> None:
     from vllm.v1.engine.core import EngineCore
 
     setattr(EngineCore, ENGINE_STATS_UTILITY, engine_stats)
+    original_init = EngineCore.__init__
+    if getattr(original_init, "_vllm_steer", False):
+        return
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        check_workers_steer(self)
+
+    __init__._vllm_steer = True
+    EngineCore.__init__ = __init__

@@ -20,6 +20,7 @@ from vllm.logger import init_logger
 from vllm_steer.config import ADDITIONAL_CONFIG_KEY, SteeringConfig, steering_config_from
 from vllm_steer.engine.activation_capture import CAPTURE_KEY, parse_capture
 from vllm_steer.errors import ConfigError, SpecError
+from vllm_steer.integration import compat
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, SteeringSpec, is_flat, parse_spec, respell_flat
@@ -126,6 +127,9 @@ def install() -> None:
     @functools.wraps(original_create)
     def create_engine_config(self, *args, **kwargs):
         if steering_config_from(getattr(self, "additional_config", None)) is not None:
+            missing = compat.problems()
+            if missing:
+                raise ConfigError(compat.unsupported_message(missing), field="steering")
             _select_v1_model_runner()
         vllm_config = original_create(self, *args, **kwargs)
         config = steering_config_from(vllm_config.additional_config)
@@ -145,10 +149,10 @@ def install() -> None:
             registry = PackRegistry.from_config(config, model_shape_of(model_config))
             _REGISTRIES[id(model_config)] = (model_config, registry, config)
             _log_packs(registry, config)
-            hooked = {"head": registry.head_layers, "residual": registry.residual_layers}
             vllm_config.additional_config = {
                 **vllm_config.additional_config,
-                ADDITIONAL_CONFIG_KEY: config.model_copy(update={"hooked_layers": hooked}).model_dump(mode="json"),
+                ADDITIONAL_CONFIG_KEY: config.model_copy(update={"hooked_layers": registry.graph_key()}).model_dump(
+                    mode="json"),
             }
         return vllm_config
 

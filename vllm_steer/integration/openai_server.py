@@ -14,12 +14,11 @@
   engine (``engine_stats.ENGINE_STATS_UTILITY``) and exposed as ``vllm_steer:*`` series.
 
 The routes and the middleware are added where vLLM attaches endpoint plugins, once the core
-routers exist; only for servers started with steering.
+routers exist (``compat.endpoint_attach_points``); only for servers started with steering.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
 import functools
-import sys
 from typing import Any
 
 from vllm_steer.config import steering_config_from
@@ -28,7 +27,6 @@ from vllm_steer.integration.route_guard import SteeringRouteGuard
 from vllm_steer.spec import FLAT_PREFIX, SPEC_KEY
 
 PACKS_ROUTE = "/v1/steering/packs"
-_APP_MODULE = "vllm.entrypoints.launchers.app"
 _REQUEST_CLASSES = (
     ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
     ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
@@ -219,12 +217,13 @@ def _wrap_attach(original):
     return attach_endpoint_plugins
 
 
-def install() -> None:
-    try:
-        from vllm.plugins.endpoint_plugins import interface
-    except ImportError:  # a vLLM without endpoint plugins: the server surface is not wired
-        return
-    interface.attach_endpoint_plugins = _wrap_attach(interface.attach_endpoint_plugins)
-    app_module = sys.modules.get(_APP_MODULE)  # imported before the plugin loaded: patch its name too
-    if app_module is not None and hasattr(app_module, "attach_endpoint_plugins"):
-        app_module.attach_endpoint_plugins = _wrap_attach(app_module.attach_endpoint_plugins)
+def install() -> bool:
+    """Wrap every endpoint-plugin attach point the installed vLLM has (``compat``); returns whether
+    there was one. Called again when ``vllm serve --steering-plugin`` parses its flags, once the API
+    server module is surely imported."""
+    from vllm_steer.integration.compat import endpoint_attach_points
+
+    points = endpoint_attach_points()
+    for module, name in points:
+        setattr(module, name, _wrap_attach(getattr(module, name)))
+    return bool(points)

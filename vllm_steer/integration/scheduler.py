@@ -39,6 +39,7 @@ from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.fasb import Backtrack, FasbController, FasbUpdate
+from vllm_steer.integration.compat import preempt_dropping_in_flight
 from vllm_steer.integration.prefix_cache import set_steering_cache_key
 from vllm_steer.integration.worker import FAILED_REQUESTS_ATTR, FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
 from vllm_steer.spec import parse_spec
@@ -120,7 +121,7 @@ def _backtrack(scheduler, state: SchedulerSteering, request, backtrack: Backtrac
     request.update_block_hashes()
     if request.status == RequestStatus.RUNNING:
         scheduler.running.remove(request)
-        scheduler._preempt_request(request, time.monotonic(), drop_stale_output=True)
+        preempt_dropping_in_flight(scheduler, request, time.monotonic())
         scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
     state.updates.append(update)
     logger.debug(

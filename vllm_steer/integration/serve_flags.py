@@ -79,6 +79,18 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
     return {**(additional_config or {}), ADDITIONAL_CONFIG_KEY: steering}
 
 
+def _wire_the_server() -> None:
+    """A server with steering must get its request and route hooks: patch the endpoint-plugin
+    attach points again now that the API server module is surely imported, or refuse to start."""
+    from vllm_steer.integration import openai_server
+
+    if not openai_server.install():
+        raise ConfigError(
+            f"{PLUGIN_FLAG}: this vLLM's API server has no endpoint-plugin hook the plugin knows, so "
+            "requests could not be steered", field=PLUGIN_FLAG,
+        )
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -107,6 +119,7 @@ def install() -> None:
         config = steering_config_from_flags(args, getattr(engine_args, "additional_config", None))
         if config is not None:
             engine_args.additional_config = config
+            _wire_the_server()
         return engine_args
 
     EngineArgs.from_cli_args = classmethod(from_cli_args)

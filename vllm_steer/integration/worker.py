@@ -15,6 +15,7 @@ Nothing is installed in a runner whose engine was started without ``additional_c
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import torch
@@ -46,11 +47,11 @@ def _attach(runner) -> None:
         return
     shape = model_shape_of(runner.model_config)
     registry = PackRegistry.from_config(config, shape)
-    hooked = {"head": registry.head_layers, "residual": registry.residual_layers}
+    hooked = json.loads(json.dumps(registry.graph_key()))  # as it came through additional_config
     if config.hooked_layers is not None and config.hooked_layers != hooked:
         raise RuntimeError(
             f"vllm-steer: the packs changed on disk between start-up and model load "
-            f"(front-end saw layers {config.hooked_layers}, worker sees {hooked})"
+            f"(front-end saw {config.hooked_layers}, worker sees {hooked})"
         )
     layout = rank_layout_of(shape)
     table = SteeringTable(
@@ -77,8 +78,12 @@ def _attach(runner) -> None:
                 predictor.pack_name, predictor.read_layer, predictor.steer_layer,
             )
     install_l2s_hooks(runner.get_model(), list(predictors.values()), shape.num_layers)
-    install_hooks(runner.get_model(), table, shape.num_layers, probes)
-    setattr(runner, PLANNER_ATTR, StepPlanner(table, registry, probes, predictors))
+    handles = install_hooks(runner.get_model(), table, shape.num_layers, probes)
+    if len(handles) != len(table.head_layers) + len(table.residual_layers):
+        raise RuntimeError(f"vllm-steer: {len(handles)} steering hooks placed for layers {hooked}")
+    planner = StepPlanner(table, registry, probes, predictors)
+    planner.hooked_layers = hooked
+    setattr(runner, PLANNER_ATTR, planner)
     if config.capture:
         capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
         install_capture_hooks(runner.get_model(), capturer, shape.num_layers)
@@ -218,6 +223,7 @@ def steering_stats(worker) -> dict:
     if planner is None:
         return {}
     return {
+        "hooked_layers": planner.hooked_layers,
         "l2s_predictions": planner.l2s_predictions,
         "l2s_repeats": planner.l2s_repeats,
         "slots_in_use": planner.num_steered_requests,

@@ -24,6 +24,8 @@ Only safetensors is ever read: no pickle, no torch.load.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,16 @@ class SteerPack:
                 f"steer pack {self.name!r}{where} does not fit the loaded model: " + "; ".join(problems),
                 field="model",
             )
+
+    def digest(self) -> str:
+        """SHA-256 of the manifest and every tensor's name, dtype, shape and bytes: two packs with the
+        same digest steer identically."""
+        h = hashlib.sha256(self.manifest.model_dump_json().encode())
+        for name, t in sorted(self.tensors().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {

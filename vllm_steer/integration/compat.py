@@ -1,0 +1,175 @@
+"""What the installed vLLM offers the plugin: decided here, in one place, by feature detection (the
+symbols themselves), never by comparing version numbers.
+
+* ``REQUIRED``: every vLLM symbol the integration layer imports, wraps or calls, with the leading
+  parameters it relies on. ``problems()`` lists those missing or changed in the installed vLLM;
+  a steering engine refuses to start when there is any (``frontend.py``), naming them and the tested
+  versions, while engines without steering run untouched.
+* ``install_failures``: the patches that raised while the plugin was being installed (``record``);
+  they refuse steering engines the same way. Installing the plugin never raises into vLLM.
+* The version differences themselves, each behind one function: ``preempt_dropping_in_flight``
+  (how a backtrack preempts a request) and ``endpoint_attach_points`` (where the API server attaches
+  endpoint plugins).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+
+TESTED_VLLM_VERSIONS = ("0.26.0", "0.32.0")  # run in CI (CPU builds)
+SUPPORTED_VLLM_RANGE = ">=0.26,<0.34"  # 0.33: symbols and signatures checked, not run
+
+
+@dataclass(frozen=True)
+class Needed:
+    """A vLLM attribute the plugin needs: ``module`` then the dotted ``path`` inside it; for a
+    callable, the names its leading parameters must have (``self`` included for methods)."""
+
+    module: str
+    path: str
+    params: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.path}"
+
+    def problem(self) -> str | None:
+        try:
+            obj = importlib.import_module(self.module)
+        except Exception as exc:  # noqa: BLE001 - any import failure means "missing"
+            return f"{self.name}: module not importable ({type(exc).__name__}: {exc})"
+        for part in self.path.split("."):
+            if not hasattr(obj, part):
+                return f"{self.name}: missing"
+            obj = getattr(obj, part)
+        if self.params is None:
+            return None
+        try:
+            found = tuple(inspect.signature(obj).parameters)  # follows functools.wraps
+        except (TypeError, ValueError):
+            return f"{self.name}: signature not readable"
+        if found[: len(self.params)] != self.params:
+            return f"{self.name}: expected parameters ({', '.join(self.params)}, ...), found ({', '.join(found)})"
+        return None
+
+
+_SCHED = "vllm.v1.core.sched.scheduler"
+_RUNNER = "vllm.v1.worker.gpu_model_runner"
+REQUIRED: tuple[Needed, ...] = (
+    # front-end (frontend.py, serve_flags.py)
+    Needed("vllm.engine.arg_utils", "EngineArgs.create_engine_config", ("self",)),
+    Needed("vllm.engine.arg_utils", "EngineArgs.add_cli_args", ("parser",)),
+    Needed("vllm.engine.arg_utils", "EngineArgs.from_cli_args", ("args",)),
+    Needed("vllm.sampling_params", "SamplingParams._verify_args", ("self",)),
+    Needed("vllm.sampling_params", "SamplingParams.verify", ("self", "model_config")),
+    Needed("vllm.exceptions", "VLLMValidationError"),
+    # OpenAI server (openai_server.py)
+    Needed("vllm.entrypoints.openai.completion.protocol", "CompletionRequest.to_sampling_params", ("self",)),
+    Needed("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest.to_sampling_params",
+           ("self",)),
+    # prefix cache (prefix_cache.py)
+    Needed("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys",
+           ("request", "start_token_idx", "end_token_idx")),
+    # scheduler (scheduler.py)
+    Needed(_SCHED, "Scheduler.add_request", ("self", "request")),
+    Needed(_SCHED, "Scheduler._update_request_with_output", ("self", "request", "new_token_ids")),
+    Needed(_SCHED, "Scheduler.update_from_output", ("self", "scheduler_output", "model_runner_output")),
+    Needed(_SCHED, "Scheduler.schedule", ("self",)),
+    Needed(_SCHED, "Scheduler._free_request", ("self", "request")),
+    Needed(_SCHED, "Scheduler._preempt_request", ("self", "request", "timestamp")),
+    Needed(_SCHED, "Scheduler.finish_requests", ("self", "request_ids", "finished_status")),
+    Needed("vllm.v1.request", "Request.update_block_hashes", ("self",)),
+    Needed("vllm.v1.request", "RequestStatus.FINISHED_ERROR"),
+    Needed("vllm.v1.request", "RequestStatus.PREEMPTED"),
+    Needed("vllm.v1.engine", "FinishReason.ERROR"),
+    Needed("vllm.v1.engine", "EngineCoreOutput"),
+    Needed("vllm.v1.engine", "EngineCoreOutputs"),
+    Needed("vllm.v1.engine.core", "EngineCore"),
+    # model runner (worker.py, model_shape.py)
+    Needed(_RUNNER, "GPUModelRunner.load_model", ("self",)),
+    Needed(_RUNNER, "GPUModelRunner._prepare_inputs", ("self", "scheduler_output")),
+    Needed(_RUNNER, "GPUModelRunner._update_states", ("self", "scheduler_output")),
+    Needed(_RUNNER, "GPUModelRunner.sample_tokens", ("self",)),
+    Needed("vllm.v1.worker.worker_base", "WorkerBase"),
+    Needed("vllm.distributed", "tensor_model_parallel_all_reduce"),
+    Needed("vllm.distributed", "get_tensor_model_parallel_rank"),
+    Needed("vllm.distributed", "get_tensor_model_parallel_world_size"),
+)
+
+install_failures: list[str] = []  # "what: error" for each patch that raised at install
+
+
+def record(what: str, exc: BaseException) -> None:
+    install_failures.append(f"{what}: {type(exc).__name__}: {exc}")
+
+
+@functools.lru_cache(maxsize=1)
+def _symbol_problems() -> tuple[str, ...]:
+    return tuple(p for p in (n.problem() for n in REQUIRED) if p is not None)
+
+
+def problems() -> list[str]:
+    """Why this vLLM cannot run a steering engine (empty when it can)."""
+    return [*_symbol_problems(), *install_failures]
+
+
+def unsupported_message(found: list[str]) -> str:
+    try:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+    except Exception:  # noqa: BLE001
+        version = "not importable"
+    return (f"vllm-steer cannot steer on this vLLM ({version}; supported {SUPPORTED_VLLM_RANGE}, tested "
+            f"{', '.join(TESTED_VLLM_VERSIONS)}): " + "; ".join(found))
+
+
+# -- the version differences --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _has_parameter(func, name: str) -> bool:
+    return name in inspect.signature(func).parameters
+
+
+def preempt_dropping_in_flight(scheduler, request, timestamp: float) -> None:
+    """Preempt ``request`` (already out of ``scheduler.running``) and drop the output of any step of
+    it still in flight (async scheduling), so it is not appended after the backtrack.
+
+    vLLM 0.32+: ``_preempt_request(..., drop_stale_output=True)``. vLLM 0.26: no such argument; its
+    async scheduler discards ``async_tokens_to_discard`` frames, as its own ``reset_prefix_cache``
+    sets them after a forced preemption."""
+    preempt = type(scheduler)._preempt_request
+    if _has_parameter(preempt, "drop_stale_output"):
+        scheduler._preempt_request(request, timestamp, drop_stale_output=True)
+        return
+    scheduler._preempt_request(request, timestamp)
+    if hasattr(request, "async_tokens_to_discard"):
+        request.async_tokens_to_discard = request.num_output_placeholders
+        request.num_output_placeholders = 0
+
+
+def endpoint_attach_points() -> list[tuple[object, str]]:
+    """(module, function name) pairs through which the API server attaches endpoint plugins: vLLM
+    0.32+ ``plugins.endpoint_plugins.interface.attach_endpoint_plugins`` (also imported by name into
+    ``entrypoints.launchers.app``); vLLM 0.26 ``entrypoints.openai.api_server._attach_endpoint_plugins``
+    (which is ``__main__`` under ``python -m``). Only modules already imported are patched, besides
+    the interface module."""
+    points = []
+    try:
+        from vllm.plugins.endpoint_plugins import interface
+    except ImportError:
+        interface = None
+    if interface is not None and hasattr(interface, "attach_endpoint_plugins"):
+        points.append((interface, "attach_endpoint_plugins"))
+    app_module = sys.modules.get("vllm.entrypoints.launchers.app")
+    if app_module is not None and hasattr(app_module, "attach_endpoint_plugins"):
+        points.append((app_module, "attach_endpoint_plugins"))
+    main = sys.modules.get("__main__")
+    is_api_server_main = getattr(getattr(main, "__spec__", None), "name", None) == "vllm.entrypoints.openai.api_server"
+    for module in (sys.modules.get("vllm.entrypoints.openai.api_server"), main if is_api_server_main else None):
+        if module is not None and hasattr(module, "_attach_endpoint_plugins"):
+            points.append((module, "_attach_endpoint_plugins"))
+    return points
