@@ -29,9 +29,22 @@ CONSTANT_P = 0.3  # the "crafted" pack's probes score every token at this P(desi
 PROMPTS = ["The capital of France is", "hello world, this is", "Is the earth flat?"]
 
 
+def _scale_out_flag() -> tuple[str, ...]:
+    """vLLM 0.32 serves the scale-out routes (/inference/v1/generate, render) only with this flag;
+    0.26 always serves them and has no such flag."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("vllm.entrypoints.launchers.cli_args")
+    except ModuleNotFoundError:  # no vllm.entrypoints.launchers package at all
+        spec = None
+    known = spec is not None and "enable_scale_out" in Path(spec.origin).read_text()
+    return ("--enable-scale-out",) if known else ()
+
+
 def _server_command(entry: str, model: Path, packs: Path, port: int) -> list[str]:
     # with the scale-out routes, so the route walk below meets them too
-    extra = ("--enable-scale-out",) if entry == "vllm serve" else ()
+    extra = _scale_out_flag() if entry == "vllm serve" else ()
     return server_command(entry, model, packs, port, ENGINE_ARGS, extra)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_steer.engine.host_staging import staging_buffer
+
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.pack import SteerPack
 
@@ -29,8 +31,8 @@ class L2SPredictor:
         self.out_rows = table.residual_rows_of(self.steer_layer)
         self.rows = torch.zeros(max_num_reqs, dtype=torch.long, device=device)
         self.slots = torch.zeros(max_num_reqs, dtype=torch.long, device=device)
-        self._host_rows = torch.zeros(max_num_reqs, dtype=torch.long)
-        self._host_slots = torch.zeros(max_num_reqs, dtype=torch.long)
+        self._host_rows = staging_buffer(max_num_reqs, torch.long, device)
+        self._host_slots = staging_buffer(max_num_reqs, torch.long, device)
         self._active = 0
 
     @property
@@ -47,8 +49,8 @@ class L2SPredictor:
         for i, (row, slot) in enumerate(entries):
             self._host_rows[i] = row
             self._host_slots[i] = slot
-        self.rows.copy_(self._host_rows)
-        self.slots.copy_(self._host_slots)
+        self.rows.copy_(self._host_rows, non_blocking=True)
+        self.slots.copy_(self._host_slots, non_blocking=True)
         self._active = len(entries)
 
     def run(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:

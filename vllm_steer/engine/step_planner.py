@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vllm_steer.engine.fasb import FasbUpdate
+from vllm_steer.engine.host_staging import staging_buffer
 from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
@@ -113,11 +114,20 @@ class StepPlanner:
         self._num_adaptive = 0  # tracked requests with strength="paper" after their trigger
         self._slot_owner: list[tuple[str, RequestSteering] | None] = [None] * table.num_slots
         self._dirty_tokens = 0  # how many leading entries of token_slots may be non-zero
-        self._host_slots = torch.zeros(table.token_slots.shape[0], dtype=torch.int32)
-        self._host_scales = torch.ones(table.token_scales.shape[0], dtype=torch.float32)
+        device = table.token_slots.device
+        self._host_slots = staging_buffer(table.token_slots.shape[0], torch.int32, device)
+        self._host_scales = staging_buffer(table.token_scales.shape[0], torch.float32, device, fill=1.0)
+        # this step's monitored tokens' rows, on the device for the probe scorer (monitored_rows)
+        self._host_monitored_rows = staging_buffer(table.token_slots.shape[0], torch.int64, device)
+        self._monitored_rows = torch.zeros(table.token_slots.shape[0], dtype=torch.int64, device=device)
         self._scaled_tokens = 0  # how many leading entries of token_scales may differ from 1
         self.monitored = NOTHING_MONITORED  # this step's probed tokens
         self.hooked_layers: dict = {}  # PackRegistry.graph_key(), set by the worker once the ops are in
+
+    @property
+    def monitored_rows(self) -> torch.Tensor:
+        """[M] int64 on the device: the rows of this step's monitored tokens (``monitored.rows``)."""
+        return self._monitored_rows[: len(self.monitored)]
 
     # -- request lifecycle -------------------------------------------------------------------
     def steering_of(
@@ -248,6 +258,10 @@ class StepPlanner:
         self.monitored = self._monitored_tokens(
             req_ids, monitored, counts, first_token, num_computed, num_tokens
         )
+        if self.monitored:
+            m = len(self.monitored)
+            self._host_monitored_rows[:m] = torch.from_numpy(self.monitored.rows)
+            self._monitored_rows[:m].copy_(self._host_monitored_rows[:m], non_blocking=True)
 
         for name, predictor in self.predictors.items():
             predictor.set_step(l2s_entries[name])
@@ -268,7 +282,7 @@ class StepPlanner:
         host = self._host_slots[: max(total, self._dirty_tokens)]
         host.zero_()
         host[:total] = torch.from_numpy(token_slots.astype(np.int32))
-        self.table.token_slots[: host.shape[0]].copy_(host)
+        self.table.token_slots[: host.shape[0]].copy_(host, non_blocking=True)
         self._dirty_tokens = total
 
         scales = None
@@ -378,5 +392,5 @@ class StepPlanner:
         host = self._host_scales[: max(total, self._scaled_tokens)]
         host.fill_(1.0)
         host[:total] = torch.from_numpy(scales)
-        self.table.token_scales[: host.shape[0]].copy_(host)
+        self.table.token_scales[: host.shape[0]].copy_(host, non_blocking=True)
         self._scaled_tokens = total

@@ -149,8 +149,7 @@ def _probe_scores(runner):
         return None
     monitored = planner.monitored
     probes = planner.probes
-    rows = torch.from_numpy(monitored.rows).to(runner.device, non_blocking=True)
-    sums = probes.sigmoid_sums(rows, monitored.by_pack)
+    sums = probes.sigmoid_sums(planner.monitored_rows, monitored.by_pack)
     if probes.layout.tp_size > 1:
         from vllm.distributed import tensor_model_parallel_all_reduce
 
