@@ -9,9 +9,8 @@ rank 0's worker counters. The result is an empty dict for an engine without stee
 
 from __future__ import annotations
 
-import functools
-
 from vllm_steer.config import steering_config_from
+from vllm_steer.integration.patching import patch
 from vllm_steer.integration.scheduler import scheduler_stats
 from vllm_steer.integration.worker import STATS_RPC
 
@@ -51,18 +50,13 @@ def check_workers_steer(engine_core) -> None:
             )
 
 
+def _init(original, self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    check_workers_steer(self)
+
+
 def install() -> None:
     from vllm.v1.engine.core import EngineCore
 
     setattr(EngineCore, ENGINE_STATS_UTILITY, engine_stats)
-    original_init = EngineCore.__init__
-    if getattr(original_init, "_vllm_steer", False):
-        return
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        check_workers_steer(self)
-
-    __init__._vllm_steer = True
-    EngineCore.__init__ = __init__
+    patch(EngineCore, "__init__")(_init)

@@ -11,7 +11,6 @@ Errors are raised as vLLM's ``VLLMValidationError`` (HTTP 400 on the server) nam
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -22,6 +21,7 @@ from vllm_steer.engine.activation_capture import CAPTURE_KEY, parse_capture
 from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.integration import compat
 from vllm_steer.integration.model_shape import model_shape_of
+from vllm_steer.integration.patching import patch
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, SteeringSpec, is_flat, parse_spec, respell_flat
 
@@ -115,85 +115,73 @@ def _log_packs(registry: PackRegistry, config: SteeringConfig) -> None:
                 config.limits.model_dump())
 
 
+def _create_engine_config(original, self, *args, **kwargs):
+    if steering_config_from(getattr(self, "additional_config", None)) is not None:
+        missing = compat.problems()
+        if missing:
+            raise ConfigError(compat.unsupported_message(missing), field="steering")
+        _select_v1_model_runner()
+    vllm_config = original(self, *args, **kwargs)
+    config = steering_config_from(vllm_config.additional_config)
+    if config is not None:
+        refused = unsupported_features(vllm_config)
+        if refused:
+            raise ConfigError("vllm-steer cannot steer this engine configuration: " + "; ".join(refused),
+                              field="steering")
+        model_config = vllm_config.model_config
+        if config.capture and not model_config.enforce_eager:
+            raise ConfigError("steering.capture needs enforce_eager=True", field="steering.capture")
+        if config.capture and vllm_config.cache_config.enable_prefix_caching:
+            raise ConfigError(
+                "steering.capture needs enable_prefix_caching=False (cached blocks are not recomputed)",
+                field="steering.capture",
+            )
+        registry = PackRegistry.from_config(config, model_shape_of(model_config))
+        _REGISTRIES[id(model_config)] = (model_config, registry, config)
+        _log_packs(registry, config)
+        vllm_config.additional_config = {
+            **vllm_config.additional_config,
+            ADDITIONAL_CONFIG_KEY: config.model_copy(update={"hooked_layers": registry.graph_key()}).model_dump(
+                mode="json"),
+        }
+    return vllm_config
+
+
+def _verify_args(original, self) -> None:
+    spec_object = (self.extra_args or {}).get(SPEC_KEY)
+    if isinstance(spec_object, SteeringSpec):  # the engine transport carries plain data only
+        self.extra_args = {**self.extra_args, SPEC_KEY: spec_object.model_dump(mode="json")}
+    original(self)
+    try:
+        parse_spec(self.extra_args)
+        parse_capture(self.extra_args)
+    except SpecError as exc:
+        raise _validation_error(exc) from None
+
+
+def _verify(original, self, model_config, *args, **kwargs) -> None:
+    original(self, model_config, *args, **kwargs)
+    try:
+        spec = parse_spec(self.extra_args)
+        capture = parse_capture(self.extra_args)
+    except SpecError as exc:
+        raise _validation_error(exc) from None
+    if spec is None and capture is None:
+        return
+    engine = engine_steering(model_config)
+    if engine is None:
+        raise _validation_error(SpecError(
+            "this request carries a steering spec but the engine was started without "
+            "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
+            field="steering" if spec is not None else CAPTURE_KEY,
+        ))
+    check_spec_against(self, *engine)
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
 
-    if getattr(EngineArgs.create_engine_config, "_vllm_steer", False):
-        return
-
-    original_create = EngineArgs.create_engine_config
-
-    @functools.wraps(original_create)
-    def create_engine_config(self, *args, **kwargs):
-        if steering_config_from(getattr(self, "additional_config", None)) is not None:
-            missing = compat.problems()
-            if missing:
-                raise ConfigError(compat.unsupported_message(missing), field="steering")
-            _select_v1_model_runner()
-        vllm_config = original_create(self, *args, **kwargs)
-        config = steering_config_from(vllm_config.additional_config)
-        if config is not None:
-            refused = unsupported_features(vllm_config)
-            if refused:
-                raise ConfigError("vllm-steer cannot steer this engine configuration: " + "; ".join(refused),
-                                  field="steering")
-            model_config = vllm_config.model_config
-            if config.capture and not model_config.enforce_eager:
-                raise ConfigError("steering.capture needs enforce_eager=True", field="steering.capture")
-            if config.capture and vllm_config.cache_config.enable_prefix_caching:
-                raise ConfigError(
-                    "steering.capture needs enable_prefix_caching=False (cached blocks are not recomputed)",
-                    field="steering.capture",
-                )
-            registry = PackRegistry.from_config(config, model_shape_of(model_config))
-            _REGISTRIES[id(model_config)] = (model_config, registry, config)
-            _log_packs(registry, config)
-            vllm_config.additional_config = {
-                **vllm_config.additional_config,
-                ADDITIONAL_CONFIG_KEY: config.model_copy(update={"hooked_layers": registry.graph_key()}).model_dump(
-                    mode="json"),
-            }
-        return vllm_config
-
-    create_engine_config._vllm_steer = True
-    EngineArgs.create_engine_config = create_engine_config
-
-    original_verify_args = SamplingParams._verify_args
-
-    @functools.wraps(original_verify_args)
-    def _verify_args(self) -> None:
-        spec_object = (self.extra_args or {}).get(SPEC_KEY)
-        if isinstance(spec_object, SteeringSpec):  # the engine transport carries plain data only
-            self.extra_args = {**self.extra_args, SPEC_KEY: spec_object.model_dump(mode="json")}
-        original_verify_args(self)
-        try:
-            parse_spec(self.extra_args)
-            parse_capture(self.extra_args)
-        except SpecError as exc:
-            raise _validation_error(exc) from None
-
-    SamplingParams._verify_args = _verify_args
-
-    original_verify = SamplingParams.verify
-
-    @functools.wraps(original_verify)
-    def verify(self, model_config, *args, **kwargs) -> None:
-        original_verify(self, model_config, *args, **kwargs)
-        try:
-            spec = parse_spec(self.extra_args)
-            capture = parse_capture(self.extra_args)
-        except SpecError as exc:
-            raise _validation_error(exc) from None
-        if spec is None and capture is None:
-            return
-        engine = engine_steering(model_config)
-        if engine is None:
-            raise _validation_error(SpecError(
-                "this request carries a steering spec but the engine was started without "
-                "steering (pass additional_config={'steering': {...}} or --steering-plugin)",
-                field="steering" if spec is not None else CAPTURE_KEY,
-            ))
-        check_spec_against(self, *engine)
-
-    SamplingParams.verify = verify
+    patch(EngineArgs, "create_engine_config")(_create_engine_config)
+    patch(SamplingParams, "_verify_args")(_verify_args)
+    patch(SamplingParams, "verify")(_verify)

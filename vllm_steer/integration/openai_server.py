@@ -18,11 +18,11 @@ routers exist (``compat.endpoint_attach_points``); only for servers started with
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
-import functools
 from typing import Any
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.integration.engine_stats import ENGINE_STATS_UTILITY
+from vllm_steer.integration.patching import patch
 from vllm_steer.integration.route_guard import SteeringRouteGuard
 from vllm_steer.spec import FLAT_PREFIX, SPEC_KEY
 
@@ -46,49 +46,34 @@ def _carries_steering(request) -> bool:
     return SPEC_KEY in extra or any(k == SPEC_KEY or k.startswith(FLAT_PREFIX) for k in xargs)
 
 
-def _wrap_to_sampling_params(request_cls) -> None:
-    original = request_cls.to_sampling_params
-    if getattr(original, "_vllm_steer", False):
-        return
-
-    @functools.wraps(original)
-    def to_sampling_params(self, *args, **kwargs):
-        extra = self.model_extra or {}
-        if SPEC_KEY in extra:
-            xargs = dict(self.vllm_xargs or {})
-            if SPEC_KEY in xargs or any(k.startswith(FLAT_PREFIX) for k in xargs):
-                from vllm.exceptions import VLLMValidationError
-
-                raise VLLMValidationError(
-                    "give the steering spec either as the 'steering' body field or in vllm_xargs, not both",
-                    parameter=SPEC_KEY,
-                )
-            xargs[SPEC_KEY] = extra[SPEC_KEY]
-            self.vllm_xargs = xargs  # read by the original right below; validated in SamplingParams
-        params = original(self, *args, **kwargs)
-        _check_against_the_engine(params)
-        return params
-
-    to_sampling_params._vllm_steer = True
-    request_cls.to_sampling_params = to_sampling_params
-
-    original_beam = getattr(request_cls, "to_beam_search_params", None)
-    if original_beam is None:
-        return
-
-    @functools.wraps(original_beam)
-    def to_beam_search_params(self, *args, **kwargs):
-        if _carries_steering(self):
+def _to_sampling_params(original, self, *args, **kwargs):
+    extra = self.model_extra or {}
+    if SPEC_KEY in extra:
+        xargs = dict(self.vllm_xargs or {})
+        if SPEC_KEY in xargs or any(k.startswith(FLAT_PREFIX) for k in xargs):
             from vllm.exceptions import VLLMValidationError
 
             raise VLLMValidationError(
-                "steering does not apply to beam search (use_beam_search): vLLM runs beam search "
-                "without the request's steering; drop one of the two",
-                parameter="use_beam_search",
+                "give the steering spec either as the 'steering' body field or in vllm_xargs, not both",
+                parameter=SPEC_KEY,
             )
-        return original_beam(self, *args, **kwargs)
+        xargs[SPEC_KEY] = extra[SPEC_KEY]
+        self.vllm_xargs = xargs  # read by the original right below; validated in SamplingParams
+    params = original(self, *args, **kwargs)
+    _check_against_the_engine(params)
+    return params
 
-    request_cls.to_beam_search_params = to_beam_search_params
+
+def _to_beam_search_params(original, self, *args, **kwargs):
+    if _carries_steering(self):
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(
+            "steering does not apply to beam search (use_beam_search): vLLM runs beam search "
+            "without the request's steering; drop one of the two",
+            parameter="use_beam_search",
+        )
+    return original(self, *args, **kwargs)
 
 
 def _check_against_the_engine(params) -> None:
@@ -105,7 +90,10 @@ def _patch_request_classes() -> None:
     import importlib
 
     for module_name, class_name in _REQUEST_CLASSES:
-        _wrap_to_sampling_params(getattr(importlib.import_module(module_name), class_name))
+        request_cls = getattr(importlib.import_module(module_name), class_name)
+        patch(request_cls, "to_sampling_params")(_to_sampling_params)
+        if hasattr(request_cls, "to_beam_search_params"):
+            patch(request_cls, "to_beam_search_params")(_to_beam_search_params)
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -200,21 +188,13 @@ async def _refresh_metrics(app) -> None:
 
 
 # -- install ----------------------------------------------------------------------------------------
-def _wrap_attach(original):
-    if getattr(original, "_vllm_steer", False):
-        return original
-
-    @functools.wraps(original)
-    def attach_endpoint_plugins(app, *args, **kwargs):
-        result = original(app, *args, **kwargs)
-        if _steering_enabled(getattr(app.state, "args", None)):
-            _patch_request_classes()
-            _add_routes(app)
-            _collector()
-        return result
-
-    attach_endpoint_plugins._vllm_steer = True
-    return attach_endpoint_plugins
+def _attach_endpoint_plugins(original, app, *args, **kwargs):
+    result = original(app, *args, **kwargs)
+    if _steering_enabled(getattr(app.state, "args", None)):
+        _patch_request_classes()
+        _add_routes(app)
+        _collector()
+    return result
 
 
 def install() -> bool:
@@ -225,5 +205,5 @@ def install() -> bool:
 
     points = endpoint_attach_points()
     for module, name in points:
-        setattr(module, name, _wrap_attach(getattr(module, name)))
+        patch(module, name)(_attach_endpoint_plugins)
     return bool(points)

@@ -11,9 +11,8 @@ first steered position) with ``set_steering_cache_key`` and re-hashes the blocks
 
 from __future__ import annotations
 
-import functools
-
 from vllm_steer.errors import SteeringError
+from vllm_steer.integration.patching import patch
 from vllm_steer.spec import parse_spec
 
 _SPEC_ATTR = "_vllm_steer_cache_key"
@@ -43,20 +42,15 @@ def set_steering_cache_key(request, key: tuple[str, int]) -> None:
     setattr(request, _SPEC_ATTR, key)
 
 
+def _generate_block_hash_extra_keys(original, request, start_token_idx, end_token_idx, *args, **kwargs):
+    extra_keys, next_mm_idx = original(request, start_token_idx, end_token_idx, *args, **kwargs)
+    key = _steering_cache_key(request)
+    if key is not None and end_token_idx > key[1]:
+        extra_keys = (*(extra_keys or ()), ("vllm_steer", key[0], key[1]))
+    return extra_keys, next_mm_idx
+
+
 def install() -> None:
     from vllm.v1.core import kv_cache_utils
 
-    original = kv_cache_utils.generate_block_hash_extra_keys
-    if getattr(original, "_vllm_steer", False):
-        return
-
-    @functools.wraps(original)
-    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, *args, **kwargs):
-        extra_keys, next_mm_idx = original(request, start_token_idx, end_token_idx, *args, **kwargs)
-        key = _steering_cache_key(request)
-        if key is not None and end_token_idx > key[1]:
-            extra_keys = (*(extra_keys or ()), ("vllm_steer", key[0], key[1]))
-        return extra_keys, next_mm_idx
-
-    generate_block_hash_extra_keys._vllm_steer = True
-    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    patch(kv_cache_utils, "generate_block_hash_extra_keys")(_generate_block_hash_extra_keys)

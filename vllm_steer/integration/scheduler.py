@@ -30,7 +30,6 @@ its full token list again.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from vllm.logger import init_logger
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.fasb import Backtrack, FasbController, FasbUpdate
 from vllm_steer.integration.compat import preempt_dropping_in_flight
+from vllm_steer.integration.patching import patch
 from vllm_steer.integration.prefix_cache import set_steering_cache_key
 from vllm_steer.integration.worker import FAILED_REQUESTS_ATTR, FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
 from vllm_steer.spec import parse_spec
@@ -232,119 +232,106 @@ def _report_failed(scheduler, state: SchedulerSteering, engine_core_outputs: dic
     state.failures.clear()
 
 
-def install() -> None:
-    from vllm.v1.core.sched.scheduler import Scheduler
+def _add_request(original, self, request) -> None:
+    original(self, request)
+    state = steering_state(self)
+    if state is None or request.sampling_params is None:
+        return
+    try:  # the front-end refuses a bad spec; one that got here anyway fails its request
+        spec = parse_spec(request.sampling_params.extra_args)
+        if spec is not None and spec.active:
+            by_method = state.requests_by_method
+            by_method[spec.method] = by_method.get(spec.method, 0) + 1
+        if spec is not None and spec.monitored:
+            state.fasb.track(request.request_id, spec, request.num_prompt_tokens)
+    except Exception as exc:
+        state.fail(request, "admission", exc)
+
+
+def _update_request_with_output(original, self, request, new_token_ids, *args, **kwargs):
     from vllm.v1.request import RequestStatus
 
-    if getattr(Scheduler.update_from_output, "_vllm_steer", False):
-        return
-
-    original_add = Scheduler.add_request
-
-    @functools.wraps(original_add)
-    def add_request(self, request) -> None:
-        original_add(self, request)
-        state = steering_state(self)
-        if state is None or request.sampling_params is None:
-            return
-        try:  # the front-end refuses a bad spec; one that got here anyway fails its request
-            spec = parse_spec(request.sampling_params.extra_args)
-            if spec is not None and spec.active:
-                by_method = state.requests_by_method
-                by_method[spec.method] = by_method.get(spec.method, 0) + 1
-            if spec is not None and spec.monitored:
-                state.fasb.track(request.request_id, spec, request.num_prompt_tokens)
-        except Exception as exc:
-            state.fail(request, "admission", exc)
-
-    original_update_request = Scheduler._update_request_with_output
-
-    @functools.wraps(original_update_request)
-    def _update_request_with_output(self, request, new_token_ids, *args, **kwargs):
-        state = steering_state(self)
-        if state is None or request.request_id not in state.fasb.requests:
-            return original_update_request(self, request, new_token_ids, *args, **kwargs)
-        # A preempted request gets output here only under async scheduling: the step in flight
-        # when KV pressure preempted it is delivered afterwards ("stale" output). It is checked
-        # like any other step, or FASB would skip the check that step carries.
-        status_before = request.status
-        new_token_ids, stopped = original_update_request(self, request, new_token_ids, *args, **kwargs)
-        score = state.scores.get(request.request_id)
-        if (score is None or not new_token_ids
-                or status_before not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)):
-            return new_token_ids, stopped
-        try:
-            backtrack = state.fasb.check(request.request_id, score, request.num_output_tokens, final=stopped)
-        except Exception as exc:
-            state.fail(request, "FASB check", exc)
-            return new_token_ids, stopped
-        if backtrack is not None:
-            if stopped:  # veto the stop: the request regenerates instead
-                request.status = status_before
-                request.stop_reason = None
-                stopped = False
-            state.fired.append((request, backtrack))
+    state = steering_state(self)
+    if state is None or request.request_id not in state.fasb.requests:
+        return original(self, request, new_token_ids, *args, **kwargs)
+    # A preempted request gets output here only under async scheduling: the step in flight
+    # when KV pressure preempted it is delivered afterwards ("stale" output). It is checked
+    # like any other step, or FASB would skip the check that step carries.
+    status_before = request.status
+    new_token_ids, stopped = original(self, request, new_token_ids, *args, **kwargs)
+    score = state.scores.get(request.request_id)
+    if (score is None or not new_token_ids
+            or status_before not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)):
         return new_token_ids, stopped
+    try:
+        backtrack = state.fasb.check(request.request_id, score, request.num_output_tokens, final=stopped)
+    except Exception as exc:
+        state.fail(request, "FASB check", exc)
+        return new_token_ids, stopped
+    if backtrack is not None:
+        if stopped:  # veto the stop: the request regenerates instead
+            request.status = status_before
+            request.stop_reason = None
+            stopped = False
+        state.fired.append((request, backtrack))
+    return new_token_ids, stopped
 
-    original_update = Scheduler.update_from_output
 
-    @functools.wraps(original_update)
-    def update_from_output(self, scheduler_output, model_runner_output):
-        state = steering_state(self)
-        if state is None:
-            return original_update(self, scheduler_output, model_runner_output)
-        for req_id, reason in (getattr(model_runner_output, FAILED_REQUESTS_ATTR, None) or {}).items():
-            request = self.requests.get(req_id)
-            if request is not None:
-                state.fail(request, "worker", RuntimeError(reason))
-        _finish_failed(self, state)  # before vLLM reads this step's tokens: theirs are dropped
-        state.scores = getattr(model_runner_output, PROBE_SCORES_ATTR, None) or {}
-        state.fired = []
-        try:
-            outputs = original_update(self, scheduler_output, model_runner_output)
-        finally:
-            state.scores = {}
-        for request, backtrack in state.fired:
-            if (request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
-                    and request.request_id in self.requests and request.request_id not in state.failures):
-                try:
-                    _backtrack(self, state, request, backtrack)
-                except Exception as exc:
-                    state.fail(request, "FASB backtrack", exc)
-        state.fired = []
-        if state.fasb.requests:
-            _apply_commit_horizon(self, state, outputs)
-        _report_failed(self, state, outputs)
-        if state.fasb.requests:
-            for req_id in [r for r, s in state.fasb.requests.items() if s.freed]:
-                state.fasb.forget(req_id)
-        return outputs
+def _update_from_output(original, self, scheduler_output, model_runner_output):
+    from vllm.v1.request import RequestStatus
 
-    update_from_output._vllm_steer = True
-    Scheduler.update_from_output = update_from_output
-    Scheduler._update_request_with_output = _update_request_with_output
-    Scheduler.add_request = add_request
+    state = steering_state(self)
+    if state is None:
+        return original(self, scheduler_output, model_runner_output)
+    for req_id, reason in (getattr(model_runner_output, FAILED_REQUESTS_ATTR, None) or {}).items():
+        request = self.requests.get(req_id)
+        if request is not None:
+            state.fail(request, "worker", RuntimeError(reason))
+    _finish_failed(self, state)  # before vLLM reads this step's tokens: theirs are dropped
+    state.scores = getattr(model_runner_output, PROBE_SCORES_ATTR, None) or {}
+    state.fired = []
+    try:
+        outputs = original(self, scheduler_output, model_runner_output)
+    finally:
+        state.scores = {}
+    for request, backtrack in state.fired:
+        if (request.status in (RequestStatus.RUNNING, RequestStatus.PREEMPTED)
+                and request.request_id in self.requests and request.request_id not in state.failures):
+            try:
+                _backtrack(self, state, request, backtrack)
+            except Exception as exc:
+                state.fail(request, "FASB backtrack", exc)
+    state.fired = []
+    if state.fasb.requests:
+        _apply_commit_horizon(self, state, outputs)
+    _report_failed(self, state, outputs)
+    if state.fasb.requests:
+        for req_id in [r for r, s in state.fasb.requests.items() if s.freed]:
+            state.fasb.forget(req_id)
+    return outputs
 
-    original_schedule = Scheduler.schedule
 
-    @functools.wraps(original_schedule)
-    def schedule(self, *args, **kwargs):
-        scheduler_output = original_schedule(self, *args, **kwargs)
-        state = steering_state(self)
-        if state is not None and state.updates:
-            setattr(scheduler_output, FASB_UPDATES_ATTR, state.updates)
-            state.updates = []
-        return scheduler_output
+def _schedule(original, self, *args, **kwargs):
+    scheduler_output = original(self, *args, **kwargs)
+    state = steering_state(self)
+    if state is not None and state.updates:
+        setattr(scheduler_output, FASB_UPDATES_ATTR, state.updates)
+        state.updates = []
+    return scheduler_output
 
-    Scheduler.schedule = schedule
 
-    original_free = Scheduler._free_request
+def _free_request(original, self, request, *args, **kwargs):
+    state = steering_state(self)
+    if state is not None and request.request_id in state.fasb.requests:
+        state.fasb.requests[request.request_id].freed = True
+    return original(self, request, *args, **kwargs)
 
-    @functools.wraps(original_free)
-    def _free_request(self, request, *args, **kwargs):
-        state = steering_state(self)
-        if state is not None and request.request_id in state.fasb.requests:
-            state.fasb.requests[request.request_id].freed = True
-        return original_free(self, request, *args, **kwargs)
 
-    Scheduler._free_request = _free_request
+def install() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    patch(Scheduler, "add_request")(_add_request)
+    patch(Scheduler, "_update_request_with_output")(_update_request_with_output)
+    patch(Scheduler, "update_from_output")(_update_from_output)
+    patch(Scheduler, "schedule")(_schedule)
+    patch(Scheduler, "_free_request")(_free_request)

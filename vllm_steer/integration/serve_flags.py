@@ -9,13 +9,13 @@ thing ``LLM(..., additional_config={"steering": {...}})`` sets offline).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from pydantic import ValidationError
 
 from vllm_steer.config import ADDITIONAL_CONFIG_KEY
 from vllm_steer.errors import ConfigError
+from vllm_steer.integration.patching import patch
 from vllm_steer.limits import OperatorLimits
 
 PLUGIN_FLAG = "--steering-plugin"
@@ -95,31 +95,23 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _add_cli_args(original, parser, *args, **kwargs):
+    parser = original(parser, *args, **kwargs)
+    add_steering_flags(parser)
+    return parser
+
+
+def _from_cli_args(original, cls, args, *rest, **kwargs):
+    engine_args = original(cls, args, *rest, **kwargs)
+    config = steering_config_from_flags(args, getattr(engine_args, "additional_config", None))
+    if config is not None:
+        engine_args.additional_config = config
+        _wire_the_server()
+    return engine_args
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    if getattr(EngineArgs.add_cli_args, "_vllm_steer", False):
-        return
-    original_add = EngineArgs.add_cli_args
-
-    @functools.wraps(original_add)
-    def add_cli_args(parser, *args, **kwargs):
-        parser = original_add(parser, *args, **kwargs)
-        add_steering_flags(parser)
-        return parser
-
-    add_cli_args._vllm_steer = True
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-
-    original_from = EngineArgs.from_cli_args.__func__
-
-    @functools.wraps(original_from)
-    def from_cli_args(cls, args, *rest, **kwargs):
-        engine_args = original_from(cls, args, *rest, **kwargs)
-        config = steering_config_from_flags(args, getattr(engine_args, "additional_config", None))
-        if config is not None:
-            engine_args.additional_config = config
-            _wire_the_server()
-        return engine_args
-
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    patch(EngineArgs, "add_cli_args")(_add_cli_args)  # a staticmethod, kept one
+    patch(EngineArgs, "from_cli_args")(_from_cli_args)  # a classmethod, kept one

@@ -18,7 +18,6 @@ import functools
 import json
 
 import numpy as np
-import torch
 from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
@@ -29,6 +28,7 @@ from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
 from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks, install_l2s_hooks
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
+from vllm_steer.integration.patching import patch
 from vllm_steer.pack_registry import PackRegistry
 
 logger = init_logger("vllm.vllm_steer")
@@ -94,19 +94,10 @@ def _attach(runner) -> None:
     )
 
 
-def _wrap_load_model(cls) -> None:
-    original = cls.__dict__.get("load_model")
-    if original is None or getattr(original, "_vllm_steer", False):
-        return
-
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        _attach(self)
-        return result
-
-    load_model._vllm_steer = True
-    cls.load_model = load_model
+def _load_model(original, self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    _attach(self)
+    return result
 
 
 def _extra_args(runner, req_id: str):
@@ -157,59 +148,50 @@ def _probe_scores(runner):
     return planner, sums / probes.probe_counts(monitored.by_pack, len(monitored))
 
 
-def _wrap_sample_tokens(cls) -> None:
-    original = cls.__dict__.get("sample_tokens")
-    if original is None or getattr(original, "_vllm_steer", False):
-        return
-
-    @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
-        planner: StepPlanner | None = getattr(self, PLANNER_ATTR, None)
-        if planner is None:
-            return original(self, *args, **kwargs)
-        scored = _probe_scores(self)
-        req_ids, scores_cpu = [], None
-        if scored is not None:
-            _, scores = scored
-            monitored = planner.monitored
-            req_ids = monitored.req_ids
-            if planner.has_adaptive_strength(req_ids):
-                # strength="paper": this step's scores set the next step's strengths, on every rank.
-                # The one host sync of the step that is not the scheduler's: the next step's
-                # token scales are planned on the host from these scores.
-                scores_cpu = scores.cpu()
-                planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
-            elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
-                # Enqueued before the runner's own device-to-host copy, which waits for this stream:
-                # once its output is ready, so is this copy.
-                scores_cpu = scores.to("cpu", non_blocking=True)
-            else:
-                scores_cpu = scores.cpu()  # the scores must reach the scheduler with this step
-        failures = planner.take_failures()
-        output = original(self, *args, **kwargs)
-        if scores_cpu is None and not failures:
-            return output
-
-        def attach(result):
-            if scores_cpu is not None:
-                setattr(result, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
-            if failures:
-                setattr(result, FAILED_REQUESTS_ATTR, failures)
-            return result
-
-        get_output = getattr(output, "get_output", None)
-        if get_output is not None and not hasattr(output, "sampled_token_ids"):
-            @functools.wraps(get_output)
-            def get_output_with_steering():
-                return attach(get_output())
-
-            output.get_output = get_output_with_steering
-        elif output is not None:
-            attach(output)
+def _sample_tokens(original, self, *args, **kwargs):
+    planner: StepPlanner | None = getattr(self, PLANNER_ATTR, None)
+    if planner is None:
+        return original(self, *args, **kwargs)
+    scored = _probe_scores(self)
+    req_ids, scores_cpu = [], None
+    if scored is not None:
+        _, scores = scored
+        monitored = planner.monitored
+        req_ids = monitored.req_ids
+        if planner.has_adaptive_strength(req_ids):
+            # strength="paper": this step's scores set the next step's strengths, on every rank.
+            # The one host sync of the step that is not the scheduler's: the next step's
+            # token scales are planned on the host from these scores.
+            scores_cpu = scores.cpu()
+            planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
+        elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
+            # Enqueued before the runner's own device-to-host copy, which waits for this stream:
+            # once its output is ready, so is this copy.
+            scores_cpu = scores.to("cpu", non_blocking=True)
+        else:
+            scores_cpu = scores.cpu()  # the scores must reach the scheduler with this step
+    failures = planner.take_failures()
+    output = original(self, *args, **kwargs)
+    if scores_cpu is None and not failures:
         return output
 
-    sample_tokens._vllm_steer = True
-    cls.sample_tokens = sample_tokens
+    def attach(result):
+        if scores_cpu is not None:
+            setattr(result, PROBE_SCORES_ATTR, dict(zip(req_ids, scores_cpu.tolist())))
+        if failures:
+            setattr(result, FAILED_REQUESTS_ATTR, failures)
+        return result
+
+    get_output = getattr(output, "get_output", None)
+    if get_output is not None and not hasattr(output, "sampled_token_ids"):
+        @functools.wraps(get_output)
+        def get_output_with_steering():
+            return attach(get_output())
+
+        output.get_output = get_output_with_steering
+    elif output is not None:
+        attach(output)
+    return output
 
 
 COLLECT_CAPTURES_RPC = "vllm_steer_collect_captures"
@@ -242,52 +224,45 @@ def collect_captures(worker, keys: list[str]) -> dict:
     }
 
 
+def _prepare_inputs(original, self, scheduler_output, *args, **kwargs):
+    result = original(self, scheduler_output, *args, **kwargs)
+    _plan_step(self, scheduler_output)
+    return result
+
+
+def _update_states(original, self, scheduler_output, *args, **kwargs):
+    planner = getattr(self, PLANNER_ATTR, None)
+    updates = getattr(scheduler_output, FASB_UPDATES_ATTR, None)
+    if planner is not None and updates:
+        for update in updates:
+            try:
+                planner.apply_update(update, lambda r: _extra_args(self, r))
+            except Exception as exc:  # fails this request only
+                planner.record_failure(update.req_id, exc)
+    if planner is not None and scheduler_output.finished_req_ids:
+        planner.forget(scheduler_output.finished_req_ids)
+        capturer = getattr(self, CAPTURER_ATTR, None)
+        if capturer is not None:
+            capturer.finish(scheduler_output.finished_req_ids)
+    return original(self, scheduler_output, *args, **kwargs)
+
+
 def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
     setattr(WorkerBase, COLLECT_CAPTURES_RPC, collect_captures)
     setattr(WorkerBase, STATS_RPC, steering_stats)
-
-    _wrap_load_model(GPUModelRunner)
-    _wrap_sample_tokens(GPUModelRunner)
+    runners = [GPUModelRunner]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)  # it overrides load_model
     except ImportError:
-        CPUModelRunner = None
-    if CPUModelRunner is not None:
-        _wrap_load_model(CPUModelRunner)
-
-    if getattr(GPUModelRunner._prepare_inputs, "_vllm_steer", False):
-        return
-    original_prepare = GPUModelRunner._prepare_inputs
-
-    @functools.wraps(original_prepare)
-    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
-        result = original_prepare(self, scheduler_output, *args, **kwargs)
-        _plan_step(self, scheduler_output)
-        return result
-
-    _prepare_inputs._vllm_steer = True
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-
-    original_update = GPUModelRunner._update_states
-
-    @functools.wraps(original_update)
-    def _update_states(self, scheduler_output, *args, **kwargs):
-        planner = getattr(self, PLANNER_ATTR, None)
-        updates = getattr(scheduler_output, FASB_UPDATES_ATTR, None)
-        if planner is not None and updates:
-            for update in updates:
-                try:
-                    planner.apply_update(update, lambda r: _extra_args(self, r))
-                except Exception as exc:  # fails this request only
-                    planner.record_failure(update.req_id, exc)
-        if planner is not None and scheduler_output.finished_req_ids:
-            planner.forget(scheduler_output.finished_req_ids)
-            capturer = getattr(self, CAPTURER_ATTR, None)
-            if capturer is not None:
-                capturer.finish(scheduler_output.finished_req_ids)
-        return original_update(self, scheduler_output, *args, **kwargs)
-
-    GPUModelRunner._update_states = _update_states
+        pass
+    for runner in runners:
+        if "load_model" in runner.__dict__:
+            patch(runner, "load_model")(_load_model)
+    patch(GPUModelRunner, "sample_tokens")(_sample_tokens)
+    patch(GPUModelRunner, "_prepare_inputs")(_prepare_inputs)
+    patch(GPUModelRunner, "_update_states")(_update_states)
