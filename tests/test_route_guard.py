@@ -26,7 +26,7 @@ def test_steering_field_in(body, field):
     assert steering_field_in(body) == field
 
 
-def _call(path, body: bytes, content_type=b"application/json", method="POST"):
+def _call(path, body: bytes, content_type=b"application/json", method="POST", **guard):
     seen = {}
 
     async def app(scope, receive, send):
@@ -46,7 +46,7 @@ def _call(path, body: bytes, content_type=b"application/json", method="POST"):
         sent.append(message)
 
     scope = {"type": "http", "method": method, "path": path, "headers": [(b"content-type", content_type)]}
-    asyncio.run(SteeringRouteGuard(app)(scope, receive, send))
+    asyncio.run(SteeringRouteGuard(app, **guard)(scope, receive, send))
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]), seen.get("body")
 
 
@@ -63,3 +63,10 @@ def test_the_guard_refuses_steering_elsewhere_and_passes_everything_else_on_unch
     assert _call("/v1/messages", plain)[2] == plain[:5]
     assert _call("/v1/audio/transcriptions", steered, content_type=b"multipart/form-data")[0] == 200
     assert _call("/tokenize", b"{not json")[0] == 200
+
+
+def test_a_server_without_steering_refuses_it_on_every_route():
+    steered = json.dumps({"prompt": "hi", "steering": {"pack": "p"}}).encode()
+    status, body, _ = _call("/v1/completions", steered, steering_routes=frozenset())
+    assert status == 400 and "started without steering" in json.loads(body)["error"]["message"]
+    assert _call("/v1/completions", json.dumps({"prompt": "hi"}).encode(), steering_routes=frozenset())[0] == 200

@@ -25,25 +25,45 @@ def test_every_vllm_symbol_the_plugin_relies_on_is_there():
     assert len(compat.REQUIRED) >= 30
 
 
-def test_an_engine_without_steering_is_the_engine_without_the_plugin(tiny_model, monkeypatch):
+def test_an_engine_or_server_without_steering_is_vllm_without_the_plugin(tiny_model, monkeypatch, tmp_path):
+    import httpx
+
+    from served_process import SERVED_NAME, free_port, start_server
+
     path = tiny_model("llama")
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 512, seed=5)]
+    prompts = random_prompts(4, 512, seed=5)
     params = greedy(10, logprobs=2)
     with_plugin = make_llm(path, enforce_eager=True)
     try:
-        got = with_plugin.generate(prompts, params, use_tqdm=False)
+        got = with_plugin.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         close_llm(with_plugin)
+    # a server with the plugin installed and loaded, started without steering
+    port = free_port()
+    command = [str(__import__("pathlib").Path(__import__("sys").executable).parent / "vllm"), "serve", str(path),
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "float32",
+               "--max-model-len", "256", "--max-num-seqs", "16", "--seed", "0", "--enforce-eager"]
+    server = start_server(command, path, {}, port, tmp_path / "server.log")
+    try:
+        served = [httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": SERVED_NAME, "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}).json()["choices"][0]["token_ids"] for p in prompts]
+        refused = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": SERVED_NAME, "prompt": prompts[0], "max_tokens": 2, "steering": {"pack": "p"}})
+    finally:
+        server.stop()
     monkeypatch.setenv("VLLM_PLUGINS", "none")  # the engine's processes load no general plugin
     without = make_llm(path, enforce_eager=True)
     try:
-        want = without.generate(prompts, params, use_tqdm=False)
+        want = without.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
         close_llm(without)
-    assert token_ids(got) == token_ids(want)
+    assert token_ids(got) == token_ids(want) == served
     for a, b in zip(got, want):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert {t: l.logprob for t, l in la.items()} == {t: l.logprob for t, l in lb.items()}
+    # a steering field sent to that server is not silently dropped
+    assert refused.status_code == 400 and "started without steering" in refused.text
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from vllm_steer.engine.host_staging import staging_buffer
-
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.pack import SteerPack
 

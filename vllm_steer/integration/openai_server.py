@@ -8,6 +8,7 @@
   (``steering_pack``, ``steering_alpha``, ...) needs nothing here.
 * Routes that do not steer refuse steering requests with 400 (``route_guard.py``); beam search on
   the steering routes is refused too (vLLM builds its own params for it, without ``extra_args``).
+  A server started without steering refuses them on every route.
 * ``GET /v1/steering/packs``: the loaded packs (name, methods, model shape, K, layers, metadata).
   There is no endpoint that loads a file: packs come only from the operator's ``--steering-packs``.
 * ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from the
@@ -194,6 +195,8 @@ def _attach_endpoint_plugins(original, app, *args, **kwargs):
         _patch_request_classes()
         _add_routes(app)
         _collector()
+    else:  # no route steers here: a request asking for steering is refused, not served unsteered
+        app.add_middleware(SteeringRouteGuard, steering_routes=frozenset())
     return result
 
 

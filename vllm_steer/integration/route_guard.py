@@ -11,7 +11,11 @@ steering spec anywhere a route could pick it up (``steering_field_in``):
 * ``steering`` / ``steering_*`` keys inside top-level ``vllm_xargs`` or ``extra_args``;
 * the same inside ``sampling_params.extra_args`` (the token-in/token-out route's form).
 
-Bodies that are not JSON (multipart uploads, for instance) pass through untouched.
+Bodies that are not JSON (multipart uploads, for instance) pass through untouched, and so does any
+body without the bytes ``steering`` in it (checked before any JSON is parsed).
+
+A server started *without* steering gets the same guard with no steering route at all: a request
+that asks for steering there is refused, not served unsteered.
 """
 
 from __future__ import annotations
@@ -58,28 +62,27 @@ def steering_field_in(body: Any) -> str | None:
     return None
 
 
-def refusal(path: str, field: str) -> dict:
+def refusal(path: str, field: str, steering_routes: frozenset[str] = STEERING_ROUTES) -> dict:
     """The OpenAI-style error body for a steering request on a route that does not steer."""
-    return {
-        "error": {
-            "message": f"{path} does not apply steering (found {field!r}): send steered requests to "
-            f"{' or '.join(sorted(STEERING_ROUTES))}",
-            "type": "BadRequestError",
-            "param": field,
-            "code": 400,
-        }
-    }
+    if steering_routes:
+        why = f"{path} does not apply steering (found {field!r}): send steered requests to " + " or ".join(
+            sorted(steering_routes))
+    else:
+        why = (f"this server was started without steering (found {field!r} in a request to {path}): start "
+               "it with --steering-plugin --steering-packs DIR")
+    return {"error": {"message": why, "type": "BadRequestError", "param": field, "code": 400}}
 
 
 class SteeringRouteGuard:
     """Pure ASGI middleware (it must read the body and hand it on unchanged)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, steering_routes: frozenset[str] = STEERING_ROUTES) -> None:
         self.app = app
+        self.steering_routes = steering_routes
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] != "http" or scope["method"] != "POST"
-                or scope["path"].rstrip("/") in STEERING_ROUTES):
+                or scope["path"].rstrip("/") in self.steering_routes):
             await self.app(scope, receive, send)
             return
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
@@ -96,12 +99,14 @@ class SteeringRouteGuard:
             if not message.get("more_body", False):
                 break
         field = None
-        try:
-            field = steering_field_in(json.loads(b"".join(chunks) or b"null"))
-        except (ValueError, RecursionError):
-            pass  # not JSON: the route answers for itself
+        body = b"".join(chunks)
+        if b"steering" in body:
+            try:
+                field = steering_field_in(json.loads(body))
+            except (ValueError, RecursionError):
+                pass  # not JSON: the route answers for itself
         if field is not None:
-            payload = json.dumps(refusal(scope["path"], field)).encode()
+            payload = json.dumps(refusal(scope["path"], field, self.steering_routes)).encode()
             await send({"type": "http.response.start", "status": 400,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(payload)).encode())]})
