@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from vllm_steer.config import SteeringConfig
+from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.pack import ModelShape, SteerPack, load_pack
 from vllm_steer.spec import SteeringSpec, clip
@@ -61,11 +62,9 @@ class PackRegistry:
         the head op, with the probing variant of it, with the residual op, the L2S read/steer layers,
         and each pack's content digest. It goes into ``additional_config``, which vLLM hashes into
         its compile-cache key, so a graph compiled for other packs is never reused."""
-        probe_layers = sorted({l for p in self.packs.values() if p.probe_weights is not None
-                               for l in p.head_layers.tolist()})
         return {
             "head": self.head_layers,
-            "probe": probe_layers,
+            "probe": ProbeTable.layers_of(self.packs.values()),
             "residual": self.residual_layers,
             "l2s": sorted([p.manifest.l2s.read_layer, p.manifest.l2s.steer_layer] for p in self.l2s_packs),
             "packs": {name: pack.digest() for name, pack in sorted(self.packs.items())},

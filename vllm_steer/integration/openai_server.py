@@ -24,8 +24,8 @@ from typing import Any
 from vllm_steer.config import steering_config_from
 from vllm_steer.integration.engine_stats import ENGINE_STATS_UTILITY
 from vllm_steer.integration.patching import patch
-from vllm_steer.integration.route_guard import SteeringRouteGuard
-from vllm_steer.spec import FLAT_PREFIX, SPEC_KEY
+from vllm_steer.integration.route_guard import SteeringRouteGuard, steering_key_in
+from vllm_steer.spec import SPEC_KEY
 
 PACKS_ROUTE = "/v1/steering/packs"
 _REQUEST_CLASSES = (
@@ -43,15 +43,14 @@ def _steering_enabled(args: Any) -> bool:
 # -- request bodies --------------------------------------------------------------------------------
 def _carries_steering(request) -> bool:
     extra = request.model_extra or {}
-    xargs = getattr(request, "vllm_xargs", None) or {}
-    return SPEC_KEY in extra or any(k == SPEC_KEY or k.startswith(FLAT_PREFIX) for k in xargs)
+    return SPEC_KEY in extra or steering_key_in(getattr(request, "vllm_xargs", None) or {}) is not None
 
 
 def _to_sampling_params(original, self, *args, **kwargs):
     extra = self.model_extra or {}
     if SPEC_KEY in extra:
         xargs = dict(self.vllm_xargs or {})
-        if SPEC_KEY in xargs or any(k.startswith(FLAT_PREFIX) for k in xargs):
+        if steering_key_in(xargs) is not None:
             from vllm.exceptions import VLLMValidationError
 
             raise VLLMValidationError(

@@ -29,7 +29,8 @@ STEERING_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 _ARGUMENT_HOLDERS = ("vllm_xargs", "extra_args")
 
 
-def _steering_key(mapping: dict) -> str | None:
+def steering_key_in(mapping: dict) -> str | None:
+    """The first key of ``mapping`` that is a steering spec (``steering`` or ``steering_*``), or None."""
     for key in mapping:
         if isinstance(key, str) and (key == SPEC_KEY or key.startswith(FLAT_PREFIX)):
             return key
@@ -47,7 +48,7 @@ def steering_field_in(body: Any) -> str | None:
         return None
     if not isinstance(body, dict):
         return None
-    key = _steering_key(body)
+    key = steering_key_in(body)
     if key is not None:
         return key
     holders = [(name, body.get(name)) for name in _ARGUMENT_HOLDERS]
@@ -56,7 +57,7 @@ def steering_field_in(body: Any) -> str | None:
         holders += [(f"sampling_params.{name}", sampling.get(name)) for name in _ARGUMENT_HOLDERS]
     for name, holder in holders:
         if isinstance(holder, dict):
-            key = _steering_key(holder)
+            key = steering_key_in(holder)
             if key is not None:
                 return f"{name}.{key}"
     return None

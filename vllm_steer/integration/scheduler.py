@@ -58,7 +58,7 @@ class SchedulerSteering:
     fired: list[tuple[object, Backtrack]] = field(default_factory=list)  # (vLLM Request, backtrack)
     updates: list[FasbUpdate] = field(default_factory=list)  # for the workers, with the next step
     requests_by_method: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, tuple[int, str]] = field(default_factory=dict)  # req_id -> (client, reason)
+    failures: dict[str, int] = field(default_factory=dict)  # req_id -> client index, to fail this step
     num_failed: int = 0
 
     def fail(self, request, where: str, exc: BaseException) -> None:
@@ -66,7 +66,7 @@ class SchedulerSteering:
         reason = f"{where}: {type(exc).__name__}: {exc}"
         logger.error("vllm-steer: request %s failed in steering code (%s); the engine serves on",
                      request.request_id, reason, exc_info=exc)
-        self.failures.setdefault(request.request_id, (request.client_index, reason))
+        self.failures.setdefault(request.request_id, request.client_index)
 
 
 def steering_state(scheduler) -> SchedulerSteering | None:
@@ -222,7 +222,7 @@ def _report_failed(scheduler, state: SchedulerSteering, engine_core_outputs: dic
     for eco in engine_core_outputs.values():
         if eco.outputs:
             eco.outputs = [out for out in eco.outputs if out.request_id not in state.failures]
-    for req_id, (client_index, _) in state.failures.items():
+    for req_id, client_index in state.failures.items():
         eco = engine_core_outputs.get(client_index)
         if eco is None:
             eco = engine_core_outputs[client_index] = EngineCoreOutputs()
