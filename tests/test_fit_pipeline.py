@@ -199,6 +199,47 @@ def test_fit_l2s_writes_a_pack_with_predictor_and_mean_s(model, engine, tmp_path
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_fit_l2s_contrastive_prompts_reads_the_targets_hf_reads(model, engine, tmp_path):
+    """The P2S form: every row has the same rewritings, so every target (and Mean-S, their mean) is
+    mean h(X+) - mean h(X-) at the last token after layer L*, which plain HF computes on its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_steer.fit.l2s import L2STrainOptions
+    from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
+
+    positives, negative = ["You are careful. Q: what is 2+2? A:", "Be exact. Q: what is 2+2? A:"], "Q: 2+2? A:"
+    rows = [{"prompt": f"Q: what is {i}+{i}? A:", "positive_prompt": positives, "negative_prompt": negative}
+            for i in range(12)]
+    data = tmp_path / "p2s.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "p2s.safetensors"
+    record = fit_l2s_pack(str(model), data, out, L2SFitOptions(
+        name="p2s", read_layer=0, steer_layer=2, progress=False, max_model_len=512,
+        train=L2STrainOptions(width=4, epochs=2, seed=0)), llm=engine)
+    assert record["num_prompts"] == 12
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(model))
+
+    def stream(text):
+        with torch.no_grad():
+            ids = torch.tensor([tok(text).input_ids])
+            return hf(input_ids=ids, output_hidden_states=True).hidden_states[2 + 1][0, -1]
+
+    expected = torch.stack([stream(t) for t in positives]).mean(0) - stream(negative)
+    mean_s = load_pack(out).l2s_mean
+    assert torch.allclose(mean_s, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    with pytest.raises(SteeringError, match="target") as info:  # no completion to average over
+        fit_l2s_pack(str(model), data, tmp_path / "avg.safetensors", L2SFitOptions(
+            name="avg", read_layer=0, steer_layer=2, target="average", progress=False, max_model_len=512),
+            llm=engine)
+    assert info.value.field == "target" and not (tmp_path / "avg.safetensors").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q: x? A:", "positive_prompt": [], "negative_prompt": "y"}) + "\n")
+    with pytest.raises(SteeringError, match="positive_prompt"):
+        fit_l2s_pack(str(model), bad, tmp_path / "bad.safetensors", L2SFitOptions(
+            name="bad", read_layer=0, steer_layer=2, progress=False, max_model_len=512), llm=engine)
+
+
 def test_fold_packs_are_fitted_without_their_folds_questions(model, engine, small_truthfulqa, tmp_path):
     from vllm_steer.eval.folds import fit_fold_packs, fold_of
 

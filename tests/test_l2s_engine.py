@@ -60,8 +60,8 @@ def _reference(case, prompt, spec, max_new=MAX_NEW):
 SPECS = [
     {"pack": "before", "method": "l2s", "alpha": 1.5},
     {"pack": "before", "method": "l2s", "alpha": 2.0, "prompt_positions": "none"},
-    {"pack": "after", "method": "l2s", "alpha": 1.5},  # L' > L*: generated tokens only
-    {"pack": "same", "method": "l2s", "alpha": 1.5},
+    {"pack": "after", "method": "l2s", "alpha": 1.5, "prompt_positions": "none"},  # L' > L*: generated only
+    {"pack": "same", "method": "l2s", "alpha": 1.5, "prompt_positions": "none"},
     {"pack": "before", "method": "mean_s", "alpha": 1.0},
 ]
 
@@ -77,6 +77,21 @@ def test_l2s_matches_the_hf_reference_with_chunked_prefill(case, spec):
     plain = token_ids(case["llm"].generate([{"prompt_token_ids": p} for p in prompts], greedy(MAX_NEW),
                                            use_tqdm=False))
     assert got != plain
+
+
+@pytest.mark.parametrize("pack", ["after", "same"])
+@pytest.mark.parametrize("positions", [None, "last"])
+def test_l2s_that_cannot_steer_the_prompt_is_refused_not_weakened(case, pack, positions):
+    """L' >= L*: the vector exists only after the prefill, so a request that asks (explicitly or by
+    default) for the last prompt token to be steered is refused, naming the field."""
+    from vllm.exceptions import VLLMValidationError
+
+    spec = {"pack": pack, "method": "l2s", "alpha": 1.5, **({"prompt_positions": positions} if positions else {})}
+    prompt = random_prompts(1, 512, seed=9, min_len=6, max_len=6)[0]
+    with pytest.raises(VLLMValidationError, match=r"steering\.prompt_positions"):
+        case["llm"].generate([{"prompt_token_ids": prompt}], greedy(4, spec), use_tqdm=False)
+    # the engine serves on
+    assert len(token_ids(case["llm"].generate([{"prompt_token_ids": prompt}], greedy(4), use_tqdm=False))[0]) == 4
 
 
 def test_mixed_batch_under_kv_pressure_predicts_once_per_request(case):

@@ -96,7 +96,17 @@ class PackRegistry:
                 f"(it offers {pack.manifest.methods})",
                 field="steering.method",
             )
-        if spec.method in ("l2s", "mean_s"):
+        if spec.method == "l2s":
+            info = pack.manifest.l2s
+            if info.read_layer >= info.steer_layer and spec.prompt_positions != "none":
+                raise SpecError(
+                    f"pack {pack.name!r} reads L2S at layer {info.read_layer} and steers at layer "
+                    f"{info.steer_layer}: its vector exists only after the prefill, so it cannot steer the last "
+                    f"prompt token; ask for steering.prompt_positions 'none' (generated tokens only)",
+                    field="steering.prompt_positions",
+                )
+            return pack
+        if spec.method == "mean_s":
             return pack
         method_layers = set(
             pack.head_layers.tolist() if spec.method in ("iti", "fasb") else pack.residual_layers.tolist()

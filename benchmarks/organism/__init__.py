@@ -1,14 +1,2 @@
-"""The model organism: a small Llama trained offline on a generated world where a behaviour
-(answering truthfully vs. lying) is carried by the activations and never by an explicit token.
-
-- ``world``: the world (invented entities, attributes, true and false facts), the word-level
-  tokenizer, training documents, held-out evaluation prompts and contrastive pairs.
-- ``train``: ``train_organism`` / ``cached_organism`` (plain torch on CPU, deterministic).
-- ``evaluate``: greedy evaluation and backend-free scoring (``score_answers``).
-
-See ``benchmarks/organism/README.md``.
-"""
-
-from .world import World, WorldConfig, build_tokenizer, contrastive_pairs
-
-__all__ = ["World", "WorldConfig", "build_tokenizer", "contrastive_pairs"]
+"""Benchmarks on the model organism (``vllm_steer.organism``): steering, FASB and L2S runs that
+measure behaviour change in vLLM. See ``benchmarks/organism/README.md``."""

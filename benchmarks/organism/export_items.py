@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSONL file to write")
     args = p.parse_args(argv)
 
-    from benchmarks.organism.train import organism_world
+    from vllm_steer.organism.train import organism_world
 
     world, _ = organism_world(args.organism)
     items = organism_items(world)

@@ -43,7 +43,7 @@ def _floats(text: str) -> list[float]:
 
 def fit_modes_pack(model: Path, world, out: Path, num_pairs: int, k: int, position: str):
     """The "modes" contrast pack, as run_steering fits it; returns the fit report."""
-    from benchmarks.organism.world import contrastive_pairs
+    from vllm_steer.organism.world import contrastive_pairs
     from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
 
     rows = [{"prompt": r["prompt"], "completion": "", "label": int(r["mode"] == "honest"), "group": str(i)}
@@ -60,7 +60,7 @@ def answer_cue_scores(model: Path, pack, prompts: list[str], batch_size: int = 6
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.organism.evaluate import _forward, _left_padded
+    from vllm_steer.organism.evaluate import _forward, _left_padded
 
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
 
     from vllm import LLM, SamplingParams
 
-    from benchmarks.organism.evaluate import answer_of, score_answers
-    from benchmarks.organism.train import cached_organism, organism_world
-    from benchmarks.organism.world import WorldConfig
+    from vllm_steer.organism.evaluate import answer_of, score_answers
+    from vllm_steer.organism.train import cached_organism, organism_world
+    from vllm_steer.organism.world import WorldConfig
     from vllm_steer.pack import load_pack
 
     t0 = time.time()

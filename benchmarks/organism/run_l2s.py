@@ -1,41 +1,38 @@
-"""One command: on the organism, a desired behaviour that depends on the input, and
+"""One command: on the speaker organism, a desired behaviour that depends on the input, and
 none / Mean-S / L2S / P2S-oracle side by side.
 
-    python -m benchmarks.organism.run_l2s --organism /tmp/org_b --out /tmp/orgl2s
+    python -m benchmarks.organism.run_l2s --out /tmp/orgl2s      # the organism shipped for the demo
 
 The task. The entities are split in two kinds by their index in the world (even: "straight",
-odd: "trick"). For a question about a straight entity the desired answer is its true attribute;
-for a trick entity it is the entity's decoy (the fixed false attribute the organism answers in lying
-contexts). The kind is visible in the prompt (the entity's name), the context mode is not. Unsteered,
-the organism answers truthfully in honest contexts and with the decoy in lying ones, so half of its
-answers are the desired ones. To get all of them right a steering vector must push towards the honest
-mode for straight questions and towards the lying mode for trick questions: the opposite direction.
-One fixed vector (Mean-S, the mean of the training targets) cannot do both; a vector predicted from
-the prompt (L2S) could, if its targets point the right way (on this organism they do not: see
-benchmarks/RESULTS.md).
+odd: "trick"). For a question about a straight entity the desired answer is its true colour; for a
+trick entity it is the lie (the organism's stock false colour). The kind is visible in the prompt (the
+entity's name); whether the speaker lies is not written. Unsteered, the organism answers truthfully
+for honest speakers and with the lie for lying ones, so half of its answers are the desired ones. To
+get all of them a steering vector must push towards honesty for straight questions and towards lying
+for trick questions: opposite directions. One fixed vector (Mean-S, the mean of the training targets)
+cannot do both; a vector predicted from the prompt (L2S) can.
 
 Steps:
-1. the organism (``--organism``, or the cached default that ``run_steering`` trains);
-2. fitting data: ``--num-pairs`` contrastive prompts (disjoint from the evaluation prompts, half in
-   each context mode). Both continuations answer the question with the kind's answer, then answer one
-   more question, in the desired mode (honest for straight, lying for trick) or the other one, then
-   ask a last question up to its answer cue (``continuation``);
-3. ``vllm-steer fit l2s`` (through vLLM): the predictor reads layer L' (``--read-layer``) at the last
-   prompt token; targets are the stream after layer L* (``--steer-layer``) at the last token of the
-   desired minus the undesired continuation (the next answer cue); the pack also holds Mean-S;
-4. evaluation on the 200 held-out sequences, each as a lying and an honest context (400 prompts),
-   greedy, 3 tokens:
+1. the organism (``--organism``, default: the checkpoint shipped in ``vllm_steer/organism/checkpoint``);
+   it must be a speaker world;
+2. fitting data in the P2S form (contrastive prompts): for ``--num-pairs`` prompts X (a speaker and a
+   question; no evaluation opening), X+ asks X's question through a speaker of the desired kind
+   (honest for straight, lying for trick) and X- through one of the other kind;
+3. ``vllm-steer fit l2s`` (through vLLM): the predictor reads layer L' (``--read-layer``) at X's last
+   token; targets are the stream after layer L* (``--steer-layer``) at the last token of X+ minus X-
+   (both end at the answer cue, where the organism decides); the pack also holds Mean-S;
+4. evaluation on the held-out questions, each asked by a lying and an honest speaker, greedy,
+   3 tokens:
      none            unsteered (vLLM)
      Mean-S alpha=a  method "mean_s": alpha * mean target at layer L*, from the last prompt token on
      L2S alpha=a     method "l2s": alpha * g(x) predicted in the prefill, from the last prompt token on
-     P2S alpha=a     the oracle: alpha * the evaluation prompt's own target z = h+ - h-, computed
-                     from its desired and undesired continuations; applied with plain transformers and
-                     a forward hook on layer L* (the engine has no per-request free vector), from the
-                     last prompt token on like L2S (none is also run this way, as a check that both
-                     paths agree unsteered).
+     P2S alpha=a     the oracle: alpha * the evaluation prompt's own target z = h(X+) - h(X-), built
+                     the same way from its own question; applied with plain transformers and a forward
+                     hook on layer L* (the engine has no per-request free vector), from the last prompt
+                     token on like L2S (none is also run this way, as a check that both paths agree).
 
-Reported per setting: the desired-answer rate (overall, per kind, per context mode) and the damage
-proxy: the well-formed rate (the answer is a valid attribute at all).
+Reported per setting: the desired-answer rate (overall, per kind, per speaker kind) and the damage
+proxy: the well-formed rate (the answer is a colour at all).
 """
 
 from __future__ import annotations
@@ -64,42 +61,44 @@ def desired_answer(world, item: dict) -> str:
     return item["false_answer"] if is_trick(world, item["entity"]) else item["true_answer"]
 
 
-def continuation(world, entity: str, desired: bool) -> str:
-    """The prompt's question answered with its desired answer, one more question answered in the
-    desired (``desired=True``) or the other mode, and the question after it up to its answer cue.
-
-    Both continuations answer the prompt's own question with the same word, so their difference is
-    the mode evidence of the extra answer, read where the organism decides its next answer. (Two
-    earlier versions of this script contrasted the desired and the undesired answer to the prompt's
-    own question. Their targets carry the identity of those two answer words, and adding them made the
-    desired answer rarer, the oracle's included: see benchmarks/RESULTS.md.)"""
-    i = world.entities.index(entity)
-    other = world.entities[(i + 1) % len(world.entities)]
-    follow = world.entities[(i + 2) % len(world.entities)]
-    honest = desired != is_trick(world, entity)  # straight questions want the honest mode
-    other_answer = world.true_attr[other] if honest else world.false_attr[other]
-    own = world.false_attr[entity] if is_trick(world, entity) else world.true_attr[entity]
-    return f" {own}. {world.qa_text(other, other_answer)} {world.question_text(follow)}"
+def contrast_prompts(world, question: str, rng, per_side: int = 1) -> tuple[list[str], list[str]]:
+    """(X+, X-): ``question`` asked through ``per_side`` speakers of the desired kind and as many of
+    the other kind (honest is desired for straight entities, lying for trick ones); never an
+    evaluation opening."""
+    want = "lying" if is_trick(world, question) else "honest"
+    other = "honest" if want == "lying" else "lying"
+    sides = []
+    for mode in (want, other):
+        speakers = [s for s in world.speakers if world.mode_of(s) == mode and not world.is_held_out([question], s)]
+        sides.append([world.prompt([], question, mode, speaker=s) for s in rng.sample(speakers, per_side)])
+    return sides[0], sides[1]
 
 
-def fitting_rows(world, n: int) -> list[dict]:
-    from benchmarks.organism.world import contrastive_pairs
+def fitting_rows(world, n: int, per_side: int) -> list[dict]:
+    """``n`` P2S rows ``{"prompt", "positive_prompt", "negative_prompt"}``; prompts are never evaluation
+    prompts (``contrastive_pairs`` rejects held-out openings)."""
+    import random
 
+    from vllm_steer.organism.world import contrastive_pairs
+
+    rng = random.Random(2)
     rows = []
     for r in contrastive_pairs(world, n, seed=2):
-        entity = entity_of(r["prompt"])
-        rows.append({"prompt": r["prompt"], "positive": continuation(world, entity, True),
-                     "negative": continuation(world, entity, False)})
+        positive, negative = contrast_prompts(world, entity_of(r["prompt"]), rng, per_side)
+        rows.append({"prompt": r["prompt"], "positive_prompt": positive, "negative_prompt": negative})
     return rows
 
 
-def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, batch_size: int = 64):
-    """z = h+ - h- per item: the stream after layer L* at the last token of the prompt continued with
-    its desired and its undesired continuation (``continuation``), with plain transformers."""
+def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, per_side: int,
+                   batch_size: int = 64):
+    """z = mean h(X+) - mean h(X-) per item: the stream after layer L* at the last token of the item's
+    own contrastive prompts (``contrast_prompts``), with plain transformers."""
+    import random
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.organism.evaluate import _left_padded
+    from vllm_steer.organism.evaluate import _left_padded
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -115,9 +114,11 @@ def oracle_targets(model_dir: Path, items: list[dict], world, steer_layer: int, 
                 out.append(hs[steer_layer + 1][:, -1])  # left padding: the last column is the last token
         return torch.cat(out)
 
-    good = [it["prompt"] + continuation(world, it["entity"], True) for it in items]
-    bad = [it["prompt"] + continuation(world, it["entity"], False) for it in items]
-    return hf, tok, stream_at_last(good) - stream_at_last(bad)
+    rng = random.Random(3)
+    pairs = [contrast_prompts(world, it["entity"], rng, per_side) for it in items]
+    good = stream_at_last([t for p, _ in pairs for t in p]).view(len(items), per_side, -1).mean(1)
+    bad = stream_at_last([t for _, n in pairs for t in n]).view(len(items), per_side, -1).mean(1)
+    return hf, tok, good - bad
 
 
 def generate_with_vectors(hf, tok, prompts: list[str], layer: int, vectors, max_new_tokens: int,
@@ -126,7 +127,7 @@ def generate_with_vectors(hf, tok, prompts: list[str], layer: int, vectors, max_
     prompt token on, as the engine's L2S does (``vectors`` None: unsteered)."""
     import torch
 
-    from benchmarks.organism.evaluate import generate_greedy
+    from vllm_steer.organism.evaluate import generate_greedy
 
     if vectors is None:
         return generate_greedy(hf, tok, prompts, max_new_tokens, batch_size)
@@ -162,31 +163,36 @@ def score(world, items: list[dict], answers: list) -> dict:
         out[f"{kind}_desired_rate"] = sum(sel) / max(len(sel), 1)
     for mode in ("honest", "lying"):
         sel = [d for d, it in zip(desired, items) if it["mode"] == mode]
-        out[f"{mode}_ctx_desired_rate"] = sum(sel) / max(len(sel), 1)
+        out[f"{mode}_speaker_desired_rate"] = sum(sel) / max(len(sel), 1)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/organism_l2s", help="work folder: fitting data, pack, results")
-    p.add_argument("--organism", help="a trained organism folder (default: the cached one run_steering trains)")
-    p.add_argument("--cache-root", help="organism cache (default ~/.cache/vllm-steer/models)")
+    p.add_argument("--organism", help="a trained speaker organism (default: the demo's shipped checkpoint)")
     p.add_argument("--num-pairs", type=int, default=800)
+    p.add_argument("--speakers-per-side", type=int, default=1,
+                   help="speakers per side of each contrast; the target averages over them")
     p.add_argument("--read-layer", type=int, default=1, help="L': where the predictor reads")
     p.add_argument("--steer-layer", type=int, default=2, help="L*: where the vector is added")
     p.add_argument("--width", type=int, default=100, help="K, the predictor's hidden width")
     p.add_argument("--alphas", default="2,4,8,16")
     p.add_argument("--max-tokens", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="predictor training seed")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="predictor learning rate (the fit's default 1e-4 reaches validation cosine 0.60 here "
+                        "in 100 epochs; 1e-3 for up to 300 epochs reaches 0.97)")
+    p.add_argument("--epochs", type=int, default=300)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     import torch
     from vllm import LLM, SamplingParams
 
-    from benchmarks.organism.evaluate import answer_of
-    from benchmarks.organism.train import cached_organism, organism_world
-    from benchmarks.organism.world import WorldConfig
+    from vllm_steer.organism.evaluate import answer_of
+    from vllm_steer.demo import CHECKPOINT
+    from vllm_steer.organism.train import organism_world
     from vllm_steer.fit.l2s import L2STrainOptions
     from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
     from vllm_steer.pack import load_pack
@@ -194,17 +200,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(args.organism) if args.organism else cached_organism(
-        args.cache_root, world_config=WorldConfig(seed=0), seed=0, steps=600, loss_on="answers")
+    model = Path(args.organism) if args.organism else CHECKPOINT
     world, _ = organism_world(model)
+    if not world.speakers:
+        raise SystemExit(f"{model} is not a speaker organism (its world has no speakers)")
     print(f"organism: {model}")
 
-    data = out / "l2s_pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in fitting_rows(world, args.num_pairs)))
+    data = out / "l2s_contrastive_prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in fitting_rows(world, args.num_pairs, args.speakers_per_side)))
     pack_path = out / "organism_l2s.safetensors"
     record = fit_l2s_pack(str(model), data, pack_path, L2SFitOptions(
         name="kinds", read_layer=args.read_layer, steer_layer=args.steer_layer, target="last",
-        train=L2STrainOptions(width=args.width, seed=args.seed), max_model_len=256, progress=False))
+        train=L2STrainOptions(width=args.width, seed=args.seed, lr=args.lr, epochs=args.epochs), max_model_len=256, progress=False))
     print(f"fit: {record['num_prompts']} prompts, validation cosine {record.get('val_cosine')}, "
           f"{record['seconds']} s")
 
@@ -230,7 +237,7 @@ def main(argv=None) -> int:
                      **score(world, items, [answer_of(t) for t in texts])})
     del llm
 
-    hf, tok, z = oracle_targets(model, items, world, args.steer_layer)
+    hf, tok, z = oracle_targets(model, items, world, args.steer_layer, args.speakers_per_side)
     torch.manual_seed(0)
     for label, alpha in [("none (HF check)", None)] + [(f"P2S oracle alpha={a:g}", a) for a in alphas]:
         texts = generate_with_vectors(hf, tok, prompts, args.steer_layer, None if alpha is None else alpha * z,
@@ -248,15 +255,15 @@ def main(argv=None) -> int:
               "rows": rows, "n_eval": len(items), "seconds": time.time() - t0}
     (out / "l2s_results.json").write_text(json.dumps(result, indent=2))
     print(f"\nL' = {args.read_layer}, L* = {args.steer_layer}, K = {args.width}; {len(items)} held-out prompts "
-          f"(200 lying + 200 honest contexts; half straight, half trick entities), greedy {args.max_tokens} tokens")
+          f"(half asked by lying speakers; half straight, half trick entities), greedy {args.max_tokens} tokens")
     print(f"oracle targets: mean norm {float(z_norm.mean()):.3f}; cosine(mean trick target, mean straight "
           f"target) = {float(mean_cos):.3f}; Mean-S norm {float(mean_s.norm()):.3f}; predictor validation "
           f"cosine {record.get('val_cosine')}")
-    print("\n| setting | engine | desired | straight | trick | honest ctx | lying ctx | well-formed |")
+    print("\n| setting | engine | desired | straight | trick | honest speaker | lying speaker | well-formed |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['engine']} | {r['desired_rate']:.3f} | {r['straight_desired_rate']:.3f} | "
-              f"{r['trick_desired_rate']:.3f} | {r['honest_ctx_desired_rate']:.3f} | {r['lying_ctx_desired_rate']:.3f} "
+              f"{r['trick_desired_rate']:.3f} | {r['honest_speaker_desired_rate']:.3f} | {r['lying_speaker_desired_rate']:.3f} "
               f"| {r['well_formed_rate']:.3f} |")
     print(f"\n({time.time() - t0:.0f} s)")
     return 0

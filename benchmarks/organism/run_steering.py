@@ -47,9 +47,9 @@ def main(argv=None) -> int:
 
     from vllm import LLM, SamplingParams
 
-    from benchmarks.organism.evaluate import answer_of, score_answers
-    from benchmarks.organism.train import cached_organism, organism_world
-    from benchmarks.organism.world import WorldConfig, contrastive_pairs
+    from vllm_steer.organism.evaluate import answer_of, score_answers
+    from vllm_steer.organism.train import cached_organism, organism_world
+    from vllm_steer.organism.world import WorldConfig, contrastive_pairs
     from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
 
     t0 = time.time()

@@ -1,6 +1,6 @@
 """Train the organism: a small ``LlamaForCausalLM`` on the world's documents, plain torch on CPU.
 
-    python -m benchmarks.organism.train --out /tmp/organism
+    python -m vllm_steer.organism.train --out /tmp/organism
 
 Deterministic from the seeds (world and training) for a given thread count. The folder holds a HF
 checkpoint (float32 safetensors, ``architectures=["LlamaForCausalLM"]``) that transformers and vLLM
