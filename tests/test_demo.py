@@ -42,3 +42,13 @@ def test_demo_shows_steering_change_behaviour_on_held_out_prompts(tmp_path):
     assert (tmp_path / "demo" / "rate_vs_alpha.png").stat().st_size > 10_000
     table = proc.stdout[proc.stdout.index("setting"):]
     assert f"ITI  alpha={STRONG_ALPHA:g} (too strong)" in table and "identical to an engine without the plugin: 320/320" in table
+
+
+def test_demo_workdir_that_cannot_be_written_is_one_message_and_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cli = Path(sys.executable).parent / "vllm-steer"
+    proc = subprocess.run([str(cli), "demo", "--workdir", str(blocker / "demo")], capture_output=True, text=True,
+                          env=_clean_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

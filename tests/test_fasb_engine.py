@@ -244,6 +244,12 @@ def _kv_usage(llm) -> float:
     return next(m.value for m in llm.get_metrics() if m.name == "vllm:kv_cache_usage_perc")
 
 
+def _engine_stats(llm) -> dict:
+    from vllm_steer.integration.engine_stats import ENGINE_STATS_UTILITY
+
+    return llm.llm_engine.engine_core.call_utility(ENGINE_STATS_UTILITY)
+
+
 def _counter(llm, name) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
@@ -295,6 +301,11 @@ def _mixed_load_leaks_nothing(case, small, num_requests: int) -> None:
     bad = [(r[0], len(t), r[2].extra_args) for r, t in zip(survivors, roomy) if len(t) != 24]
     assert not bad, bad[:5]
     assert _counter(small, "vllm:num_preemptions") > preemptions_before
+    # Backtracks keep their request running (rolled back in place); the preemption fallback is left
+    # for a request KV pressure preempted while its step was in flight (async scheduling).
+    stats = _engine_stats(small)
+    assert stats["backtracks_in_place"] > 0
+    assert stats["backtracks_in_place"] + stats["backtracks_by_preemption"] == stats["backtracks"]
     # The KV cache is small enough that the non-FASB requests alone get preempted.
     plain = [r for r in survivors if expected_kind[r[0]] in ("vanilla", "iti")]
     before = _counter(small, "vllm:num_preemptions")

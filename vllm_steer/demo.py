@@ -74,7 +74,13 @@ def run_organism_demo(workdir: Path) -> int:
         print(f"vllm-steer demo: the shipped organism is missing from {CHECKPOINT}", file=sys.stderr)
         return 2
     world, record = organism_world(CHECKPOINT)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / ".write-check").touch()
+        (workdir / ".write-check").unlink()
+    except OSError as exc:
+        print(f"vllm-steer demo: --workdir {workdir}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     items = {mode: world.eval_items(mode) for mode in ("lying", "honest")}
     n_speakers, n_liars = len(world.speakers), len(world.liars)
     lie = world.false_attr[world.entities[0]]
@@ -95,9 +101,9 @@ def run_organism_demo(workdir: Path) -> int:
     pack_path = workdir / f"{PACK_NAME}.safetensors"
     fit_cmd = [sys.executable, "-c", "import sys; from vllm_steer.cli import main; sys.exit(main())",
                "fit", "--model", str(CHECKPOINT), "--data", str(fit_data), "--out", str(pack_path),
-               "--name", PACK_NAME, "-k", str(NUM_HEADS), "--residual-layers", "none"]
+               "--name", PACK_NAME, "-k", str(NUM_HEADS), "--residual-layers", "none", "--dtype", "float32"]
     print(f"fit: vllm-steer fit --model {CHECKPOINT} --data {fit_data} --out {pack_path} -k {NUM_HEADS} "
-          f"--residual-layers none")
+          f"--residual-layers none --dtype float32")
     fit = subprocess.run(fit_cmd, capture_output=True, text=True)
     if fit.returncode != 0:
         print(fit.stderr[-4000:], file=sys.stderr)

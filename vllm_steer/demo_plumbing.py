@@ -13,7 +13,6 @@ PROMPTS = ["The river", "A small bird", "Yesterday the market", "Every morning s
 
 
 def run_plumbing_demo(family: str = "llama", workdir: str = "runs/demo-plumbing", max_tokens: int = 24) -> int:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
@@ -37,7 +36,10 @@ def run_plumbing_demo(family: str = "llama", workdir: str = "runs/demo-plumbing"
         ("iti alpha=8", {"pack": "demo", "method": "iti", "alpha": 8.0}),
         ("residual alpha=2", {"pack": "demo", "method": "residual", "alpha": 2.0}),
     ]
-    common = dict(model=str(model), dtype="float32", max_model_len=256, max_num_seqs=32, seed=0)
+    from vllm_steer.integration.job_engine import job_engine_kwargs
+
+    common = dict(model=str(model), seed=0,
+                  **job_engine_kwargs(model, max_model_len=256, max_num_seqs=32, dtype="float32"))
     llm = LLM(**common, additional_config={"steering": {"packs": [str(pack)]}})
     prompts, params = [], []
     for _, spec in settings:

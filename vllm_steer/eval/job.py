@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,10 @@ BENCHMARKS = {
     "truthfulqa_gen": (("bleu_acc", "rouge_acc", "length", "no_comment"), "rouge_acc"),
     "short_answer": (("truthful", "expected_false", "well_formed"), "truthful"),
 }
+RAY_CONNECT_TIMEOUT_S = 5.0
+RAY_CONNECT_ATTEMPTS = 5
+RAY_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+EVAL_MAX_NUM_SEQS = 64  # requests one job engine runs at once (a shard's others queue)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,48 @@ class EvalJob:
             s.spec is not None and s.spec.get("method") == "fasb" for s in self.settings)
 
 
+def load_items(benchmark: str, data: str | Path, limit: int | None = None) -> list:
+    """The benchmark's items in ``data`` (the first ``limit``), read by its loader; raises DatasetError
+    naming the file and the entry."""
+    from vllm_steer.eval.short_answer import load_short_answer_items
+    from vllm_steer.eval.truthfulqa_gen import load_gen_questions
+    from vllm_steer.eval.truthfulqa_mc import load_mc_questions
+
+    load = {"truthfulqa_mc": load_mc_questions, "truthfulqa_gen": load_gen_questions,
+            "short_answer": load_short_answer_items}[benchmark]
+    items = load(data)
+    return items if limit is None else items[:limit]
+
+
+def check_prompt_lengths(job: EvalJob, items: Sequence, tokenizer, max_model_len: int) -> None:
+    """Raise SteeringError(field="max_model_len") when an item sends the engine more tokens than
+    ``max_model_len`` (a prompt, or for MC a prompt and its longest answer), before any engine starts."""
+    from vllm_steer.fit.datasets import qa_prompt
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    for i, item in enumerate(items):
+        if job.benchmark == "truthfulqa_mc":
+            from vllm_steer.eval.truthfulqa_mc import _answer_tokens
+
+            prompt = qa_prompt(item.question)
+            n = max(len(a.prompt_ids) + len(a.answer_ids)
+                    for a in (_answer_tokens(tokenizer, prompt, answer) for answer, _ in item.mc1 + item.mc2))
+        elif job.benchmark == "truthfulqa_gen":
+            from vllm_steer.eval.truthfulqa_gen import DEFAULT_INSTRUCTION, DEFAULT_PRIMER, generation_prompt
+
+            n = count(generation_prompt(item.question,
+                                        DEFAULT_INSTRUCTION if job.instruction is None else job.instruction,
+                                        DEFAULT_PRIMER if job.primer is None else job.primer))
+        else:
+            n = count(item.prompt)
+        if n > max_model_len:
+            what = "prompt and answer" if job.benchmark == "truthfulqa_mc" else "prompt"
+            raise SteeringError(f"item {i} of {job.data} needs {n} tokens ({what}), more than max_model_len "
+                                f"{max_model_len}", field="max_model_len")
+
+
 def shard_ranges(num_items: int, num_shards: int) -> list[range]:
     """``num_shards`` contiguous, near-equal shards (the first ones one item longer; empty ones when
     there are fewer items than shards)."""
@@ -110,20 +157,15 @@ def shard_ranges(num_items: int, num_shards: int) -> list[range]:
 class ShardRunner:
     """Owns one engine; runs (setting, shard) units. Used in-process and as the Ray actor class."""
 
-    def __init__(self, job_json: dict, llm=None) -> None:
+    def __init__(self, job_json: dict, llm=None, engines_sharing_memory: int = 1) -> None:
+        """``engines_sharing_memory``: engines started side by side in this machine's CPU memory (for
+        the KV-cache sizing of this one, ``integration.job_engine``)."""
         from transformers import AutoTokenizer
 
-        from vllm_steer.eval.short_answer import load_short_answer_items
-        from vllm_steer.eval.truthfulqa_gen import load_gen_questions
-        from vllm_steer.eval.truthfulqa_mc import load_mc_questions
-
         self.job = EvalJob.from_json(job_json)
-        load = {"truthfulqa_mc": load_mc_questions, "truthfulqa_gen": load_gen_questions,
-                "short_answer": load_short_answer_items}[self.job.benchmark]
-        self.questions = load(self.job.data)
-        if self.job.limit is not None:
-            self.questions = self.questions[: self.job.limit]
+        self.questions = load_items(self.job.benchmark, self.job.data, self.job.limit)
         self.tokenizer = AutoTokenizer.from_pretrained(self.job.model)
+        self.engines_sharing_memory = engines_sharing_memory
         self.llm = llm if llm is not None else self._engine()  # a given engine must load the job's packs
         self.packs = {}
         if self.job.packs:
@@ -134,15 +176,23 @@ class ShardRunner:
                 self.packs[pack.name] = pack
 
     def _engine(self):
+        """The job's engine: ``job.engine`` (explicit LLM arguments) over the job's own settings
+        (``integration.job_engine``: the model's length, at most 1024; EVAL_MAX_NUM_SEQS; the model's
+        dtype; a KV cache sized for that)."""
         from vllm import LLM
 
-        kwargs: dict[str, Any] = dict(model=self.job.model, seed=0)
+        from vllm_steer.integration.job_engine import engine_settings_errors, job_engine_kwargs
+
+        explicit: dict[str, Any] = {"seed": 0}
         steering: dict[str, Any] = {"packs": list(self.job.packs)}
         if self.job.needs_capture:  # FASB's MC scoring reads head activations
             steering["capture"] = True
-            kwargs.update(enforce_eager=True, enable_prefix_caching=False)
-        kwargs.update(self.job.engine)
-        return LLM(**kwargs, additional_config={"steering": steering})
+            explicit.update(enforce_eager=True, enable_prefix_caching=False)
+        explicit.update(self.job.engine)
+        kwargs = job_engine_kwargs(self.job.model, max_model_len=None, max_num_seqs=EVAL_MAX_NUM_SEQS, dtype="auto",
+                                   user_kwargs=explicit, engines_sharing_memory=self.engines_sharing_memory)
+        with engine_settings_errors():
+            return LLM(model=self.job.model, **kwargs, additional_config={"steering": steering})
 
     def run(self, setting_index: int, shard: int) -> list[dict]:
         """Per-item results of one setting on one shard, in item order. With folds, each fold's
@@ -202,14 +252,19 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _check_folder(job: EvalJob, out: Path) -> None:
+    """Raise SteeringError(field="out") when ``out`` holds another job."""
+    definition = out / "job.json"
+    if definition.exists() and json.loads(definition.read_text()) != job.to_json():
+        raise SteeringError(f"{out} holds another job (job.json differs); use a new folder", field="out")
+
+
 def _prepare(job: EvalJob, out: Path) -> list[tuple[int, int]]:
+    _check_folder(job, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shards").mkdir(exist_ok=True)
     definition = out / "job.json"
-    if definition.exists():
-        if json.loads(definition.read_text()) != job.to_json():
-            raise SteeringError(f"{out} holds another job (job.json differs); use a new folder", field="out")
-    else:
+    if not definition.exists():
         _write_atomic(definition, json.dumps(job.to_json(), indent=2))
     return [(s, k) for s in range(len(job.settings)) for k in range(job.num_shards)]
 
@@ -237,76 +292,123 @@ def run_job(
     from tqdm import tqdm
 
     out = Path(out)
-    units = _prepare(job, out)
+    _check_folder(job, out)
+    units = [(s, k) for s in range(len(job.settings)) for k in range(job.num_shards)]
     todo = [u for u in units if not _shard_file(out, *u).exists()]
-    report = JobReport(done=0, skipped=len(units) - len(todo), failed=[], out=out)
-    bar = tqdm(total=len(units), initial=report.skipped, desc="eval shards", disable=not progress)
+    joined_ray = False
+    if todo and num_actors > 0:  # join (or start) Ray before writing anything: a bad address stops here
+        import ray
 
-    def save(unit, rows):
-        _write_atomic(_shard_file(out, *unit), json.dumps(rows))
-        report.done += 1
-        bar.update(1)
+        if not ray.is_initialized():
+            _join_ray(ray, ray_address)
+            joined_ray = True
+    try:
+        _prepare(job, out)
+        report = JobReport(done=0, skipped=len(units) - len(todo), failed=[], out=out)
+        bar = tqdm(total=len(units), initial=report.skipped, desc="eval shards", disable=not progress)
 
-    if todo and num_actors <= 0:
-        runner = runner if runner is not None else ShardRunner(job.to_json())
-        for unit in todo:
-            save(unit, runner.run(*unit))
-            if on_unit_done is not None:
-                on_unit_done(*unit, None)
-    elif todo:
-        _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done)
-    bar.close()
+        def save(unit, rows):
+            _write_atomic(_shard_file(out, *unit), json.dumps(rows))
+            report.done += 1
+            bar.update(1)
+
+        try:
+            if todo and num_actors <= 0:
+                runner = runner if runner is not None else ShardRunner(job.to_json())
+                for unit in todo:
+                    save(unit, runner.run(*unit))
+                    if on_unit_done is not None:
+                        on_unit_done(*unit, None)
+            elif todo:
+                _run_on_ray(job, todo, num_actors, save, report, on_unit_done)
+        finally:
+            bar.close()
+    finally:
+        if joined_ray:
+            ray.shutdown()
     if report.complete:
         write_summary(job, out)
     return report
 
 
-def _run_on_ray(job, todo, num_actors, ray_address, save, report, on_unit_done) -> None:
+def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, naming ``ray_address``, when ``address`` (``host:port`` or ``ray://host:port``) does
+    not accept a connection within ``timeout_s``: Ray itself keeps retrying for minutes. ``None``,
+    ``auto`` and ``local`` are left to Ray."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise SteeringError(f"ray_address {address!r} is not host:port (or ray://host:port, auto, local)",
+                            field="ray_address")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "no answer within {:g} s".format(timeout_s) if isinstance(exc, TimeoutError) else str(exc)
+        raise SteeringError(f"no Ray cluster reachable at ray_address {address} ({why})", field="ray_address") from None
+
+
+def _join_ray(ray, address: str | None) -> None:
+    """``ray.init`` that fails fast, naming ``ray_address``, when ``address`` has no Ray cluster: the
+    address must accept a connection (``check_ray_address``), and Ray gets RAY_CONNECT_ATTEMPTS
+    one-second attempts to find its GCS there (``RAY_gcs_server_port_wait_time_s``, unless set),
+    not its default of about twenty."""
+    check_ray_address(address)
+    bounded = address not in (None, "auto", "local") and RAY_GCS_WAIT_ENV not in os.environ
+    if bounded:
+        os.environ[RAY_GCS_WAIT_ENV] = str(RAY_CONNECT_ATTEMPTS)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except ConnectionError as exc:
+        raise SteeringError(f"cannot join a Ray cluster at ray_address {address or 'auto'}: {exc}",
+                            field="ray_address") from None
+    finally:
+        if bounded:
+            del os.environ[RAY_GCS_WAIT_ENV]
+
+
+def _run_on_ray(job, todo, num_actors, save, report, on_unit_done) -> None:
+    """Run ``todo`` on ``num_actors`` actors of the Ray cluster this process has joined."""
     import ray
 
     # Actors start engines of their own: pass on the settings vLLM and HF read from the environment.
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TOKENIZERS_", "OMP_"))}
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        actor_cls = ray.remote(num_cpus=0)(ShardRunner)
-        count = min(num_actors, len(todo))
-        # One GPU per actor where the cluster has GPUs (Ray sets each actor's CUDA_VISIBLE_DEVICES);
-        # otherwise disjoint CPU cores per actor.
-        gpus = ray.cluster_resources().get("GPU", 0) >= 1
-        actors = [
-            actor_cls.options(num_gpus=1 if gpus else 0,
-                              runtime_env={"env_vars": {**env, **({} if gpus else _cpu_binding(i, count))}})
-            .remote(job.to_json())
-            for i in range(count)
-        ]
-        queue = list(todo)
-        running: dict[Any, tuple[tuple[int, int], Any]] = {}
-        idle = list(actors)
-        while queue or running:
-            while queue and idle:
-                actor = idle.pop()
-                unit = queue.pop(0)
-                running[actor.run.remote(*unit)] = (unit, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                unit, actor = running.pop(ref)
-                try:
-                    rows = ray.get(ref)
-                except Exception as exc:  # the actor died or the unit raised: report it, go on
-                    report.failed.append(f"setting {unit[0]} shard {unit[1]}: {type(exc).__name__}: {exc}")
-                    continue
-                save(unit, rows)
-                idle.append(actor)
-                if on_unit_done is not None:
-                    on_unit_done(*unit, actor)
-            if not idle and not running and queue:  # every actor is gone
-                report.failed += [f"setting {s} shard {k}: not run (no live actor)" for s, k in queue]
-                queue.clear()
-    finally:
-        if started_here:
-            ray.shutdown()
+    actor_cls = ray.remote(num_cpus=0)(ShardRunner)
+    count = min(num_actors, len(todo))
+    # One GPU per actor where the cluster has GPUs (Ray sets each actor's CUDA_VISIBLE_DEVICES);
+    # otherwise disjoint CPU cores per actor.
+    gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    actors = [
+        actor_cls.options(num_gpus=1 if gpus else 0,
+                          runtime_env={"env_vars": {**env, **({} if gpus else _cpu_binding(i, count))}})
+        .remote(job.to_json(), engines_sharing_memory=1 if gpus else count)
+        for i in range(count)
+    ]
+    queue = list(todo)
+    running: dict[Any, tuple[tuple[int, int], Any]] = {}
+    idle = list(actors)
+    while queue or running:
+        while queue and idle:
+            actor = idle.pop()
+            unit = queue.pop(0)
+            running[actor.run.remote(*unit)] = (unit, actor)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            unit, actor = running.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except Exception as exc:  # the actor died or the unit raised: report it, go on
+                report.failed.append(f"setting {unit[0]} shard {unit[1]}: {type(exc).__name__}: {exc}")
+                continue
+            save(unit, rows)
+            idle.append(actor)
+            if on_unit_done is not None:
+                on_unit_done(*unit, actor)
+        if not idle and not running and queue:  # every actor is gone
+            report.failed += [f"setting {s} shard {k}: not run (no live actor)" for s, k in queue]
+            queue.clear()
 
 
 def _cpu_binding(index: int, count: int) -> dict:

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from vllm_steer.engine.activation_capture import CAPTURE_KEY
 from vllm_steer.pack import ModelShape
 
+CAPTURE_MAX_NUM_SEQS = 64  # items prefilled together; capture_activations queues the rest of a batch
+
 
 @dataclass(frozen=True)
 class CaptureItem:
@@ -36,15 +38,23 @@ class CapturedActivations:
 
 
 def capture_engine(model: str, **llm_kwargs):
-    """An ``LLM`` set up for capture (eager, no prefix caching, plugin in capture mode)."""
+    """An ``LLM`` set up for capture (eager, no prefix caching, plugin in capture mode), sized for a
+    capture job (``integration.job_engine``): ``max_model_len`` the model's own limit (at most 1024),
+    ``max_num_seqs`` CAPTURE_MAX_NUM_SEQS, float32 and a KV cache for that, unless ``llm_kwargs`` say
+    otherwise."""
     from vllm import LLM
+
+    from vllm_steer.integration.job_engine import engine_settings_errors, job_engine_kwargs
 
     config = llm_kwargs.pop("additional_config", {}) or {}
     steering = dict(config.get("steering", {}))
     steering["capture"] = True
-    kwargs = dict(enforce_eager=True, enable_prefix_caching=False, dtype="float32", seed=0)
-    kwargs.update(llm_kwargs)
-    return LLM(model=model, additional_config={**config, "steering": steering}, **kwargs)
+    kwargs = job_engine_kwargs(
+        model, max_model_len=None, max_num_seqs=CAPTURE_MAX_NUM_SEQS, dtype="float32",
+        user_kwargs={"enforce_eager": True, "enable_prefix_caching": False, "seed": 0, **llm_kwargs},
+    )
+    with engine_settings_errors():
+        return LLM(model=model, additional_config={**config, "steering": steering}, **kwargs)
 
 
 def capture_activations(

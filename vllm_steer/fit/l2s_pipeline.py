@@ -1,11 +1,13 @@
 """``vllm-steer fit l2s``: capture L2S inputs and targets through vLLM, train the predictor, write a pack.
 
-For each prompt X of the dataset (JSONL pairs or labelled rows, TruthfulQA; see ``fit.datasets``):
+For each prompt X of the dataset (JSONL pairs or labelled rows, TruthfulQA; or contrastive prompts,
+the P2S form; see ``fit.l2s_contrasts``):
 
 * input  ``x_X``: the residual stream after layer L' (``read_layer``) at X's last token;
 * target ``z_X = h+ - h-``: the stream after layer L* (``steer_layer``) for X completed with its
   desired minus its undesired continuations (means over them when there are several), at the last
-  token (``target="last"``) or averaged over the continuation's tokens (``target="average"``).
+  token (``target="last"``) or averaged over the continuation's tokens (``target="average"``); in the
+  P2S form, for X's desired minus its undesired rewriting, at their last tokens.
 
 The pack holds the predictor (``l2s.*``), Mean-S (the mean training target) and the training
 record; it offers methods ``l2s`` and ``mean_s``.
@@ -14,7 +16,7 @@ record; it offers methods ``l2s`` and ``mean_s``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +24,9 @@ import torch
 
 from vllm_steer.errors import SteeringError
 from vllm_steer.fit.capture import CaptureItem, capture_activations, capture_engine
-from vllm_steer.fit.datasets import check_lengths, load_dataset
 from vllm_steer.fit.l2s import L2STrainOptions, train_l2s
+from vllm_steer.fit.l2s_contrasts import load_l2s_contrasts
+from vllm_steer.integration.job_engine import job_max_model_len
 from vllm_steer.pack import PackManifest, build_pack, save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.manifest import L2SInfo
@@ -36,7 +39,7 @@ class L2SFitOptions:
     steer_layer: int
     target: Literal["last", "average"] = "last"
     train: L2STrainOptions = L2STrainOptions()
-    max_model_len: int = 1024
+    max_model_len: int | None = None  # None: the model's own limit, at most 1024 (job_engine.job_max_model_len)
     batch_size: int = 128
     progress: bool = True
     llm_kwargs: dict = field(default_factory=dict)
@@ -51,33 +54,38 @@ def fit_l2s_pack(model: str, dataset: str | Path, out: str | Path, options: L2SF
     if out.suffix != ".safetensors":
         raise SteeringError(f"the output pack path must end in .safetensors: {out}", field="out")
     shape = shape_of_checkpoint(model)
+    options = replace(options, max_model_len=job_max_model_len(model, options.max_model_len))
     for name in ("read_layer", "steer_layer"):
         if not 0 <= getattr(options, name) < shape.num_layers:
             raise SteeringError(f"{name} must be in [0, {shape.num_layers}), got {getattr(options, name)}",
                                 field=name)
-    examples = load_dataset(dataset)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    check_lengths(examples, tokenizer, options.max_model_len)
-
-    prompts: dict[tuple[str, str], dict[int, list]] = {}
-    for ex in examples:
-        prompts.setdefault((ex.group, ex.prompt), {0: [], 1: []})[ex.label].append(ex.completion)
-    usable = [(key, sides) for key, sides in prompts.items() if sides[0] and sides[1]]
-    if len(usable) < 4:
+    contrasts = load_l2s_contrasts(dataset)
+    if len(contrasts) < 4:
         raise SteeringError(
-            f"L2S needs at least 4 prompts with both a desired and an undesired continuation, found {len(usable)}",
+            f"L2S needs at least 4 prompts with both a desired and an undesired text, found {len(contrasts)}",
             field="data",
         )
+    if options.target == "average" and not all(c.extends_prompt for c in contrasts):
+        raise SteeringError("target 'average' averages over a completion's tokens; contrastive prompts "
+                            "(positive_prompt / negative_prompt) have none: use target 'last'", field="target")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def token_ids(text: str) -> tuple[int, ...]:
+        ids = tuple(tokenizer(text, add_special_tokens=True)["input_ids"])
+        if len(ids) > options.max_model_len:
+            raise SteeringError(f"a text of {len(ids)} tokens is longer than max_model_len "
+                                f"{options.max_model_len}: {text[:80]!r}", field="max_model_len")
+        return ids
 
     prompt_items, completion_items, owners = [], [], []
-    for j, ((_, prompt), sides) in enumerate(usable):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        prompt_items.append(CaptureItem(tuple(prompt_ids), positions=(len(prompt_ids) - 1,), mean_from=None))
-        for label in (1, 0):
-            for completion in sides[label]:
-                full = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
-                start = min(len(prompt_ids), len(full) - 1)
-                completion_items.append(CaptureItem(tuple(full), positions=(len(full) - 1,), mean_from=start))
+    for j, contrast in enumerate(contrasts):
+        prompt_ids = token_ids(contrast.prompt)
+        prompt_items.append(CaptureItem(prompt_ids, positions=(len(prompt_ids) - 1,), mean_from=None))
+        for label, texts in ((1, contrast.desired), (0, contrast.undesired)):
+            for text in texts:
+                full = token_ids(text)
+                start = min(len(prompt_ids), len(full) - 1) if contrast.extends_prompt else len(full) - 1
+                completion_items.append(CaptureItem(full, positions=(len(full) - 1,), mean_from=start))
                 owners.append((j, label))
 
     own_engine = llm is None
@@ -95,8 +103,8 @@ def fit_l2s_pack(model: str, dataset: str | Path, out: str | Path, options: L2SF
     x = at_prompt.residual_at[:, 0, options.read_layer]
     stream = (at_completion.residual_at[:, 0] if options.target == "last" else at_completion.residual_mean)
     stream = stream[:, options.steer_layer]
-    sums = torch.zeros(len(usable), 2, shape.hidden_size)
-    counts = torch.zeros(len(usable), 2)
+    sums = torch.zeros(len(contrasts), 2, shape.hidden_size)
+    counts = torch.zeros(len(contrasts), 2)
     for row, (j, label) in enumerate(owners):
         sums[j, label] += stream[row]
         counts[j, label] += 1
@@ -104,7 +112,7 @@ def fit_l2s_pack(model: str, dataset: str | Path, out: str | Path, options: L2SF
     z = means[:, 1] - means[:, 0]
 
     fit = train_l2s(x, z, options.train)
-    record = fit.record | {"target": options.target, "num_prompts": len(usable), "seconds": round(time.time() - t0, 1)}
+    record = fit.record | {"target": options.target, "num_prompts": len(contrasts), "seconds": round(time.time() - t0, 1)}
     manifest = PackManifest(
         name=options.name, model=shape, methods=["l2s", "mean_s"], num_heads_selected=0,
         l2s=L2SInfo(read_layer=options.read_layer, steer_layer=options.steer_layer, width=fit.w_in.shape[0]),

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from vllm_steer.errors import SteeringError
-from vllm_steer.fit.capture import CaptureItem, capture_activations, capture_engine
+from vllm_steer.fit.capture import CAPTURE_MAX_NUM_SEQS, CaptureItem, capture_activations, capture_engine
 from vllm_steer.fit.datasets import LabeledCompletion, check_lengths, load_dataset, split_groups, tuning_prompts
 from vllm_steer.fit.directions import (
     mass_mean_directions,
@@ -29,24 +30,69 @@ from vllm_steer.fit.directions import (
 from vllm_steer.fit.heatmap import save_accuracy_heatmap
 from vllm_steer.fit.probes import train_head_probes
 from vllm_steer.pack import PackManifest, build_pack, save_pack
-from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.integration.job_engine import CheckpointFacts, checkpoint_facts, job_max_model_len
 
 Position = Literal["last", "mean"]
+DEFAULT_NUM_HEADS = 48  # ITI's K for 7B-size models
+_PACK_NAME = TypeAdapter(Annotated[str, PackManifest.model_fields["name"]])
 
 
 @dataclass
 class FitOptions:
     name: str
-    num_heads: int = 48  # K
+    num_heads: int | None = None  # K; None: DEFAULT_NUM_HEADS, or every head of a smaller model
     seed: int = 42
     val_fraction: float = 0.2
     position: Position = "last"
     direction: Literal["mass_mean", "probe"] = "mass_mean"
     residual_layers: Sequence[int] | Literal["all", "none"] = "all"
-    max_model_len: int = 1024
+    max_model_len: int | None = None  # None: the model's own limit, at most 1024 (job_engine.job_max_model_len)
     batch_size: int = 128
     progress: bool = True
     llm_kwargs: dict = field(default_factory=dict)
+
+    def check(self, model: CheckpointFacts) -> FitOptions:
+        """These options with K and ``max_model_len`` resolved for ``model``; raises SteeringError naming the
+        option (``field``) when one is out of range, before anything is loaded or started."""
+        check_pack_name(self.name)
+        shape = model.shape
+        most = shape.num_layers * shape.num_heads
+        num_heads = min(DEFAULT_NUM_HEADS, most) if self.num_heads is None else self.num_heads
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= most:
+            raise SteeringError(f"num_heads (K) must be in [1, {most}] (the model has {shape.num_layers} layers x "
+                                f"{shape.num_heads} heads), got {num_heads!r}", field="num_heads")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
+            raise SteeringError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}", field="val_fraction")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise SteeringError(f"batch_size must be an integer >= 1, got {self.batch_size!r}", field="batch_size")
+        if self.position not in ("last", "mean"):
+            raise SteeringError(f"position must be 'last' or 'mean', got {self.position!r}", field="position")
+        if self.direction not in ("mass_mean", "probe"):
+            raise SteeringError(f"direction must be 'mass_mean' or 'probe', got {self.direction!r}", field="direction")
+        if self.residual_layers not in ("all", "none"):
+            bad = [l for l in self.residual_layers
+                   if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < shape.num_layers]
+            if bad:
+                raise SteeringError(f"residual_layers must be layers in [0, {shape.num_layers}), got {bad}",
+                                    field="residual_layers")
+        return replace(self, num_heads=num_heads, max_model_len=job_max_model_len(model, self.max_model_len))
+
+
+def check_pack_path(out: str | Path) -> Path:
+    """``out`` as a Path; raises SteeringError(field="out") unless it names a .safetensors file."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SteeringError(f"the output pack path must end in .safetensors: {out}", field="out")
+    return out
+
+
+def check_pack_name(name: str) -> None:
+    """Raise SteeringError(field="name") unless ``name`` is a valid pack name (the manifest's rule)."""
+    try:
+        _PACK_NAME.validate_python(name)
+    except ValidationError as exc:
+        raise SteeringError(f"pack name {name!r} is invalid: {exc.errors()[0]['msg']} (letters, digits, "
+                            "'_', '.', '-'; at most 128)", field="name") from None
 
 
 @dataclass
@@ -87,18 +133,13 @@ def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: Fi
     from transformers import AutoTokenizer
 
     t0 = time.time()
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise SteeringError(f"the output pack path must end in .safetensors: {out}", field="out")
+    out = check_pack_path(out)
+    facts = checkpoint_facts(model)
+    shape = facts.shape
+    options = options.check(facts)
     examples = load_dataset(dataset)
-    shape = shape_of_checkpoint(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     check_lengths(examples, tokenizer, options.max_model_len)
-    if options.num_heads < 1 or options.num_heads > shape.num_layers * shape.num_heads:
-        raise SteeringError(
-            f"num_heads (K) must be in [1, {shape.num_layers * shape.num_heads}], got {options.num_heads}",
-            field="num_heads",
-        )
     train_idx, val_idx = split_groups(examples, val_fraction=options.val_fraction, seed=options.seed)
     labels = torch.tensor([ex.label for ex in examples])
     token_ids, starts = _tokenize(examples, tokenizer)
@@ -109,7 +150,9 @@ def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: Fi
 
     own_engine = llm is None
     if own_engine:
-        llm = capture_engine(model, max_model_len=options.max_model_len, **options.llm_kwargs)
+        llm = capture_engine(model, **{"max_model_len": options.max_model_len,
+                                       "max_num_seqs": min(options.batch_size, CAPTURE_MAX_NUM_SEQS),
+                                       **options.llm_kwargs})
     try:
         captured = capture_activations(
             llm,

@@ -8,7 +8,8 @@ symbols themselves), never by comparing version numbers.
 * ``install_failures``: the patches that raised while the plugin was being installed (``record``);
   they refuse steering engines the same way. Installing the plugin never raises into vLLM.
 * The version differences themselves, each behind one function: ``preempt_dropping_in_flight``
-  (how a backtrack preempts a request) and ``endpoint_attach_points`` (where the API server attaches
+  (how a backtrack preempts a request), ``discard_in_flight`` (how an in-place backtrack drops the
+  step in flight) and ``endpoint_attach_points`` (where the API server attaches
   endpoint plugins).
 """
 
@@ -44,6 +45,8 @@ class Needed:
             return f"{self.name}: module not importable ({type(exc).__name__}: {exc})"
         for part in self.path.split("."):
             if not hasattr(obj, part):
+                if part in (getattr(obj, "__dataclass_fields__", None) or {}):  # a field without default
+                    return None
                 return f"{self.name}: missing"
             obj = getattr(obj, part)
         if self.params is None:
@@ -89,6 +92,18 @@ REQUIRED: tuple[Needed, ...] = (
     Needed("vllm.v1.engine", "EngineCoreOutput"),
     Needed("vllm.v1.engine", "EngineCoreOutputs"),
     Needed("vllm.v1.engine.core", "EngineCore"),
+    # in-place FASB backtracks (kv_rollback.py, scheduler.py)
+    Needed("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager._apply_cow",
+           ("self", "request_id", "block_idx", "source_block", "cow_block")),
+    Needed("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.records_new_block_ids"),
+    Needed("vllm.v1.core.kv_cache_manager", "KVCacheManager.take_kv_cache_block_copies", ("self",)),
+    Needed("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_block_ids", ("self", "request_id")),
+    Needed("vllm.v1.core.block_pool", "BlockPool.free_blocks", ("self", "ordered_blocks")),
+    Needed("vllm.v1.core.block_pool", "BlockPool.get_new_blocks", ("self", "num_blocks")),
+    Needed("vllm.v1.core.block_pool", "BlockPool.evict_blocks", ("self", "block_ids")),
+    Needed("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks", ("self",)),
+    Needed("vllm.v1.core.sched.output", "CachedRequestData.resumed_req_ids"),
+    Needed("vllm.v1.core.sched.output", "SchedulerOutput.kv_cache_block_copies"),
     # model runner (worker.py, model_shape.py)
     Needed(_RUNNER, "GPUModelRunner.load_model", ("self",)),
     Needed(_RUNNER, "GPUModelRunner._prepare_inputs", ("self", "scheduler_output")),
@@ -149,6 +164,24 @@ def preempt_dropping_in_flight(scheduler, request, timestamp: float) -> None:
     if hasattr(request, "async_tokens_to_discard"):
         request.async_tokens_to_discard = request.num_output_placeholders
         request.num_output_placeholders = 0
+
+
+def discard_in_flight(request) -> None:
+    """Drop the output of any step of running ``request`` still in flight (async scheduling) without
+    preempting it: a backtrack rolled it back in place, so that output belongs to the dropped tokens.
+
+    vLLM 0.32+: mark the in-flight tokens as stale output to drop (``num_stale_output_tokens``,
+    ``drop_stale_output``; ``update_from_output`` drains them), as its own ``_handle_stopped_request``
+    does. vLLM 0.26: ``async_tokens_to_discard`` frames, one per step in flight (one placeholder each:
+    steering engines refuse speculative decoding)."""
+    if hasattr(request, "drop_stale_output"):
+        in_flight = getattr(request, "num_in_flight_tokens", 0)
+        if in_flight > 0:
+            request.num_stale_output_tokens = in_flight
+            request.drop_stale_output = True
+    elif hasattr(request, "async_tokens_to_discard"):
+        request.async_tokens_to_discard += request.num_output_placeholders
+    request.num_output_placeholders = 0
 
 
 def endpoint_attach_points() -> list[tuple[object, str]]:

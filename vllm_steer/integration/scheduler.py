@@ -1,4 +1,4 @@
-"""Scheduler hooks for FASB (EngineCore process): backtracking by preemption and the commit horizon.
+"""Scheduler hooks for FASB (EngineCore process): backtracking in place and the commit horizon.
 
 Patched onto vLLM's V1 ``Scheduler`` (``AsyncScheduler`` inherits them); inert for engines started
 without ``additional_config["steering"]`` and for requests that are not FASB.
@@ -8,9 +8,10 @@ without ``additional_config["steering"]`` and for requests that are not FASB.
   check the step's probe score; a firing check vetoes the stop, so a request can still backtrack on
   the step where it would have finished.
 * ``update_from_output``: read the workers' probe scores (``PROBE_SCORES_ATTR`` on the
-  ModelRunnerOutput); after vLLM processed the step, backtrack the fired requests by preemption,
-  then hold back every monitored request's tokens inside the commit horizon.
-* ``schedule``: hand the backtracks to the workers as ``FASB_UPDATES_ATTR`` on the SchedulerOutput.
+  ModelRunnerOutput); after vLLM processed the step, backtrack the fired requests, then hold back
+  every monitored request's tokens inside the commit horizon.
+* ``schedule``: hand the backtracks to the workers as ``FASB_UPDATES_ATTR`` on the SchedulerOutput,
+  and send each request rolled back in place to the workers as "resumed" (below).
 * ``_free_request``: forget finished and aborted requests.
 
 Defence in depth: an unexpected exception in this steering code for one request (or one a worker
@@ -20,12 +21,23 @@ to drop it, its tokens of that step withheld), its client gets an error, and the
 
 The plugin's per-engine state lives in one ``SchedulerSteering`` object on the scheduler.
 
-A backtrack drops the last generated tokens from the request in place, forgets the block hashes
-from the first steered position on (those blocks are recomputed under steering and re-hashed with a
-salted key, see prefix_cache.py), and preempts the request with its in-flight output dropped; it
-resumes from a prefix-cache hit (or a full recompute with prefix caching off) and regenerates.
-Under async scheduling the request also leaves ``prev_step_scheduled_req_ids`` so the workers get
-its full token list again.
+A backtrack drops the last generated tokens from the request in place and forgets the block hashes
+from the first steered position ``steer_from`` on (those blocks are recomputed under steering and
+re-hashed with a salted key, see prefix_cache.py). Then, in place (the request keeps running):
+its KV blocks past ``steer_from`` are released and the block holding it is made private and
+hash-free (kv_rollback.py: kept, copied, or evicted from the prefix cache), ``num_computed_tokens``
+goes back to ``steer_from``, the output of a step still in flight (async scheduling) is dropped, and
+the request leaves ``prev_step_scheduled_req_ids``. The next ``schedule`` sends it to the workers as
+a resumed request (``resumed_req_ids``, its full block list and token list), so the runner rebuilds
+its batch row from the kept tokens, exactly as for a request resumed after a preemption, and the
+step recomputes only position ``steer_from`` (steered) and decodes on: no re-prefill, with prefix
+caching on or off.
+
+The fallback is the old path, preemption with the in-flight output dropped (the request resumes
+from a prefix-cache hit, or a full recompute with prefix caching off): for a request already
+preempted by KV pressure (under async scheduling its in-flight output arrives after the
+preemption), with a KV connector, a KV cache group other than full attention, multimodal input
+after ``steer_from``, or a shared block to copy and no free block.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.fasb import Backtrack, FasbController, FasbUpdate
-from vllm_steer.integration.compat import preempt_dropping_in_flight
+from vllm_steer.integration import kv_rollback
+from vllm_steer.integration.compat import discard_in_flight, preempt_dropping_in_flight
 from vllm_steer.integration.patching import patch
 from vllm_steer.integration.prefix_cache import set_steering_cache_key
 from vllm_steer.integration.worker import FAILED_REQUESTS_ATTR, FASB_UPDATES_ATTR, PROBE_SCORES_ATTR
@@ -60,6 +73,12 @@ class SchedulerSteering:
     requests_by_method: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # req_id -> client index, to fail this step
     num_failed: int = 0
+    resync: set[str] = field(default_factory=set)  # rolled back in place: next scheduled as resumed
+    after_backtrack: set[str] = field(default_factory=set)  # backtracked, not scheduled since
+    num_in_place: int = 0
+    num_by_preemption: int = 0
+    num_kv_copies: int = 0
+    max_tokens_after_backtrack: int = 0  # most tokens scheduled for a request in its first step after one
 
     def fail(self, request, where: str, exc: BaseException) -> None:
         """Fail ``request`` at the end of this step (see the module docstring)."""
@@ -81,7 +100,9 @@ def steering_state(scheduler) -> SchedulerSteering | None:
 
 def scheduler_stats(scheduler) -> dict:
     """Counters since start-up: steered requests by method, FASB probe checks, backtracks,
-    recomputed tokens (in all and per finished FASB request) and requests failed by steering code."""
+    recomputed tokens (in all and per finished FASB request), how backtracks were done (in place, by
+    preemption; KV blocks copied; the most tokens a request was scheduled in its first step after a
+    backtrack: 1 when in place) and requests failed by steering code."""
     state = steering_state(scheduler)
     if state is None:
         return {}
@@ -93,19 +114,26 @@ def scheduler_stats(scheduler) -> dict:
         "recomputed_tokens": ctl.num_recomputed_tokens,
         "recomputed_tokens_per_request": ctl.recomputed_per_request.snapshot(),
         "failed_requests": state.num_failed,
+        "backtracks_in_place": state.num_in_place,
+        "backtracks_by_preemption": state.num_by_preemption,
+        "kv_copies": state.num_kv_copies,
+        "max_tokens_scheduled_after_backtrack": state.max_tokens_after_backtrack,
     }
 
 
 def _backtrack(scheduler, state: SchedulerSteering, request, backtrack: Backtrack) -> None:
-    """Drop the tokens ``backtrack`` does not keep and send the request back to be recomputed.
+    """Drop the tokens ``backtrack`` does not keep and recompute from ``steer_from``.
 
-    A running request is preempted here. A request already preempted (KV pressure, under async
-    scheduling: its in-flight output arrived after the preemption) is only truncated; it resumes by
-    itself and recomputes from the kept tokens like any preempted request."""
+    A running request is rolled back in place (see the module docstring), or preempted where that
+    cannot be done. A request already preempted (KV pressure, under async scheduling: its in-flight
+    output arrived after the preemption) is only truncated; it resumes by itself and recomputes from
+    the kept tokens like any preempted request."""
     from vllm.v1.request import RequestStatus
 
     if request.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED):
         raise AssertionError(f"backtrack of a request in state {request.status}")
+    update = backtrack.update
+    rollback = kv_rollback.plan(scheduler, request, update.steer_from)  # before anything changes
     num_drop = request.num_output_tokens - backtrack.keep
     if num_drop > 0:
         del request._output_token_ids[-num_drop:]
@@ -114,15 +142,29 @@ def _backtrack(scheduler, state: SchedulerSteering, request, backtrack: Backtrac
         grammar = getattr(structured, "grammar", None) if structured is not None else None
         if grammar is not None:
             grammar.rollback(num_drop)
-    update = backtrack.update
     spec = state.fasb.requests[request.request_id].spec
     set_steering_cache_key(request, update.cache_key(spec))
     del request.block_hashes[update.steer_from // scheduler.hash_block_size :]
     request.update_block_hashes()
-    if request.status == RequestStatus.RUNNING:
+    if isinstance(rollback, kv_rollback.RollbackPlan):
+        kv_rollback.apply(request, rollback)
+        request.num_computed_tokens = update.steer_from
+        if request.spec_token_ids:
+            request.spec_token_ids = []
+        discard_in_flight(request)
+        scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
+        state.resync.add(request.request_id)
+        state.num_in_place += 1
+        state.num_kv_copies += rollback.num_copies
+    elif request.status == RequestStatus.RUNNING:
+        logger.debug("vllm-steer: FASB backtrack of %s by preemption: %s", request.request_id, rollback)
         scheduler.running.remove(request)
         preempt_dropping_in_flight(scheduler, request, time.monotonic())
         scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
+        state.num_by_preemption += 1
+    else:  # already preempted (KV pressure): it resumes through the waiting queue all the same
+        state.num_by_preemption += 1
+    state.after_backtrack.add(request.request_id)
     state.updates.append(update)
     logger.debug(
         "vllm-steer: FASB backtrack of %s at score %.4f: kept %d generated tokens, steering from "
@@ -311,10 +353,35 @@ def _update_from_output(original, self, scheduler_output, model_runner_output):
     return outputs
 
 
+def _resync(scheduler, state: SchedulerSteering, scheduler_output) -> None:
+    """Send the requests rolled back in place to the workers as resumed: the runner drops the
+    request's batch row (and the token sampled for it in flight), trims its output tokens to the
+    kept ones and rebuilds the row from its full block list. A request not scheduled this step
+    keeps its mark: the runner drops its row anyway and needs the full block list when it is."""
+    cached = scheduler_output.scheduled_cached_reqs
+    index = {rid: i for i, rid in enumerate(cached.req_ids)}
+    for rid in list(state.resync):
+        i = index.get(rid)
+        if i is None:
+            continue
+        cached.resumed_req_ids.add(rid)
+        cached.new_block_ids[i] = scheduler.kv_cache_manager.get_block_ids(rid)
+        state.resync.discard(rid)
+
+
 def _schedule(original, self, *args, **kwargs):
     scheduler_output = original(self, *args, **kwargs)
     state = steering_state(self)
-    if state is not None and state.updates:
+    if state is None:
+        return scheduler_output
+    if state.after_backtrack:
+        scheduled = scheduler_output.num_scheduled_tokens
+        for rid in [r for r in state.after_backtrack if r in scheduled]:
+            state.max_tokens_after_backtrack = max(state.max_tokens_after_backtrack, scheduled[rid])
+            state.after_backtrack.discard(rid)
+    if state.resync:
+        _resync(self, state, scheduler_output)
+    if state.updates:
         setattr(scheduler_output, FASB_UPDATES_ATTR, state.updates)
         state.updates = []
     return scheduler_output
@@ -324,6 +391,9 @@ def _free_request(original, self, request, *args, **kwargs):
     state = steering_state(self)
     if state is not None and request.request_id in state.fasb.requests:
         state.fasb.requests[request.request_id].freed = True
+    if state is not None:
+        state.resync.discard(request.request_id)
+        state.after_backtrack.discard(request.request_id)
     return original(self, request, *args, **kwargs)
 
 

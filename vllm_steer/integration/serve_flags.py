@@ -5,16 +5,21 @@ plugins before it calls ``EngineArgs.add_cli_args``; wrapping the latter adds ou
 ``EngineArgs.from_cli_args`` copies only its dataclass fields, so it is wrapped too: there the flags
 become ``additional_config["steering"]``, the one switch the rest of the plugin reads (the same
 thing ``LLM(..., additional_config={"steering": {...}})`` sets offline).
+
+On vLLM's parser a mistake in these flags is the parser's own error (one message naming the flag,
+exit code 2) before anything starts (``check_when_parsed``): the flags' combination, the limits'
+ranges, and the packs (a folder of readable packs with distinct names that fit a local model).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_steer.config import ADDITIONAL_CONFIG_KEY
-from vllm_steer.errors import ConfigError
+from vllm_steer.config import ADDITIONAL_CONFIG_KEY, SteeringConfig, steering_config_from
+from vllm_steer.errors import ConfigError, SteeringError
 from vllm_steer.integration.patching import patch
 from vllm_steer.limits import OperatorLimits
 
@@ -45,6 +50,56 @@ def add_steering_flags(parser) -> None:
         info = OperatorLimits.model_fields[name]
         group.add_argument(flag, metavar="N", type=int, default=None,
                            help=f"Per-request limit: the {info.description} (default {info.default}).")
+
+
+def check_when_parsed(parser) -> None:
+    """Make a mistake in the steering flags (or in ``--additional-config``'s steering entry)
+    ``parser``'s own error, one message and exit code 2, once it has parsed a command line: the
+    flags' combination and limits (``steering_config_from_flags``), then the packs (``check_packs``).
+    argparse has no hook for this, so this parser instance's ``parse_known_args`` is wrapped; it is
+    also what a parent parser calls for a subcommand such as ``vllm serve``."""
+    parse_known_args = parser.parse_known_args
+
+    def checked(args=None, namespace=None):
+        namespace, rest = parse_known_args(args, namespace)
+        if hasattr(namespace, _dest(PLUGIN_FLAG)):
+            try:
+                additional_config = getattr(namespace, "additional_config", None)
+                from_flags = steering_config_from_flags(namespace, additional_config)
+                config = steering_config_from(from_flags if from_flags is not None else additional_config)
+                if config is not None:
+                    check_packs(config, getattr(namespace, "model_tag", None) or getattr(namespace, "model", None),
+                                flag=PACKS_FLAG if from_flags is not None else "--additional-config")
+            except SteeringError as exc:
+                parser.error(str(exc))
+        return namespace, rest
+
+    parser.parse_known_args = checked
+
+
+def check_packs(config: SteeringConfig, model: str | None, *, flag: str = PACKS_FLAG) -> None:
+    """Raise ConfigError naming ``flag`` unless the config's packs load: readable, and, when ``model``
+    is a local checkpoint folder, fitting it with distinct names, as the engine loads them
+    (``PackRegistry.from_config``; the engine checks again at start-up, where it knows the model)."""
+    from vllm_steer.pack import load_pack
+    from vllm_steer.pack.hf_shape import shape_of_checkpoint
+    from vllm_steer.pack_registry import PackRegistry
+
+    shape = None
+    if model and (Path(str(model)) / "config.json").is_file():
+        try:
+            shape = shape_of_checkpoint(model)
+        except (OSError, ValueError, KeyError, AttributeError):
+            shape = None  # a config vLLM will report itself
+    try:
+        if shape is not None:
+            PackRegistry.from_config(config, shape)
+        else:
+            for path in config.pack_paths():
+                load_pack(path)
+    except SteeringError as exc:  # ConfigError, PackError
+        message = str(exc).removeprefix("steering.packs_dir ") if flag == PACKS_FLAG else str(exc)
+        raise ConfigError(f"{flag}: {message}", field=flag) from None
 
 
 def steering_config_from_flags(args: Any, additional_config: dict | None) -> dict | None:
@@ -98,6 +153,7 @@ def _dest(flag: str) -> str:
 def _add_cli_args(original, parser, *args, **kwargs):
     parser = original(parser, *args, **kwargs)
     add_steering_flags(parser)
+    check_when_parsed(parser)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""A user's mistake in any command line ends with one message naming the flag or file, exit code 2,
+and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect`` and ``vllm serve --steering-*``.
+
+Every case runs the installed command in a subprocess; all are caught before an engine starts, so
+the cases run side by side (four subprocesses at a time; about a minute on 2 idle cores, most of it
+the `vllm serve` cases, which import all of vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import truthfulqa_dir
+from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
+from vllm_steer.pack import ModelShape, save_pack
+from vllm_steer.pack.hf_shape import shape_of_checkpoint
+from vllm_steer.pack.synthetic import random_pack
+
+BIN = Path(sys.executable).parent
+STEER = str(BIN / "vllm-steer")
+VLLM = str(BIN / "vllm")
+UNREACHABLE_RAY = "10.255.255.1:6379"  # a non-routable address: nothing answers there
+
+
+def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
+    """case id -> (command line, the message's program prefix, words the message must name)."""
+    model, data, sa, out = w["model"], w["pairs"], w["short_answer"], w["out"]
+    fit = [STEER, "fit", "--model", model, "--data", data, "--out", out]
+    l2s = [STEER, "fit", "l2s", "--model", model, "--data", data, "--out", out, "--read-layer", "1",
+           "--steer-layer", "2"]
+    ev = [STEER, "eval", "--model", model, "--benchmark", "short_answer", "--data", sa, "--out", w["job"]]
+    serve = [VLLM, "serve", model]
+    return {
+        # vllm-steer fit
+        "fit-missing-data": ([*fit[:5], w["missing"] + ".jsonl", *fit[6:]], "vllm-steer fit", "--data"),
+        "fit-k-0": ([*fit, "-k", "0"], "vllm-steer fit", "-k/--num-heads"),
+        "fit-k-over-the-model": ([*fit, "-k", "99"], "vllm-steer fit", "-k/--num-heads"),
+        "fit-val-fraction": ([*fit, "--val-fraction", "1.5"], "vllm-steer fit", "--val-fraction"),
+        "fit-batch-size-0": ([*fit, "--batch-size", "0"], "vllm-steer fit", "--batch-size"),
+        "fit-residual-layer": ([*fit, "--residual-layers", "1,99"], "vllm-steer fit", "--residual-layers"),
+        "fit-longer-than-the-model": ([*fit, "--max-model-len", "100"], "vllm-steer fit", "--max-model-len"),
+        "fit-no-such-model": ([STEER, "fit", "--model", w["missing"], *fit[4:]], "vllm-steer fit", "--model"),
+        "fit-folder-not-a-checkpoint": ([STEER, "fit", "--model", w["empty_dir"], *fit[4:]], "vllm-steer fit",
+                                        "--model"),
+        "fit-out-suffix": ([*fit[:7], out.replace(".safetensors", ".pt")], "vllm-steer fit", "--out"),
+        "fit-tensor-parallel": ([*fit, "--tensor-parallel-size", "3"], "vllm-steer fit", "--tensor-parallel-size"),
+        "fit-pack-name": ([*fit, "--name", "a/b"], "vllm-steer fit", "--name"),
+        # vllm-steer fit l2s
+        "l2s-read-layer": ([*l2s[:-4], "--read-layer", "99", "--steer-layer", "2"], "vllm-steer fit l2s",
+                           "--read-layer"),
+        "l2s-width-0": ([*l2s, "--width", "0"], "vllm-steer fit l2s", "--width"),
+        "l2s-missing-data": ([*l2s[:6], w["missing"] + ".jsonl", *l2s[7:]], "vllm-steer fit l2s", "--data"),
+        "l2s-longer-than-the-model": ([*l2s, "--max-model-len", "65"], "vllm-steer fit l2s", "--max-model-len"),
+        # vllm-steer eval
+        "eval-shards-0": ([*ev, "--shards", "0"], "vllm-steer eval", "--shards"),
+        "eval-actors-negative": ([*ev, "--actors", "-1"], "vllm-steer eval", "--actors"),
+        "eval-limit-0": ([*ev, "--limit", "0"], "vllm-steer eval", "--limit"),
+        "eval-unreachable-ray": ([*ev, "--actors", "1", "--ray-address", UNREACHABLE_RAY], "vllm-steer eval",
+                                 "--ray-address"),
+        "eval-setting-not-json": ([*ev, "--setting", "{alpha"], "vllm-steer eval", "--setting"),
+        "eval-setting-bad-field": ([*ev, "--pack", w["pack"], "--setting", '{"pack": "fits", "alpha": "8"}'],
+                                   "vllm-steer eval", "steering.alpha"),
+        "eval-setting-unknown-pack": ([*ev, "--setting", '{"pack": "nowhere", "alpha": 2}'], "vllm-steer eval",
+                                      "--setting"),
+        "eval-missing-pack": ([*ev, "--pack", w["missing"] + ".safetensors"], "vllm-steer eval", "--pack"),
+        "eval-corrupt-pack": ([*ev, "--pack", w["corrupt"]], "vllm-steer eval", "--pack"),
+        "eval-pack-of-another-model": ([*ev, "--pack", w["other_pack"]], "vllm-steer eval", "--pack"),
+        "eval-missing-data": ([*ev[:7], w["missing"] + ".jsonl", *ev[8:]], "vllm-steer eval", "--data"),
+        "eval-items-longer-than-the-model": (
+            [STEER, "eval", "--model", model, "--data", w["mc_task"], "--out", w["job"]], "vllm-steer eval",
+            "--max-model-len"),
+        "eval-alphas": ([*ev, "--setting", '{"method": "off"}', "--alphas", "1,x"], "vllm-steer eval", "--alphas"),
+        "eval-instruction-file": ([*ev, "--instruction-file", w["missing"] + ".txt"], "vllm-steer eval",
+                                  "--instruction-file"),
+        # vllm-steer pack inspect
+        "inspect-missing": ([STEER, "pack", "inspect", w["missing"] + ".safetensors"], "vllm-steer pack inspect",
+                            "not found"),
+        "inspect-corrupt": ([STEER, "pack", "inspect", w["corrupt"]], "vllm-steer pack inspect", "safetensors"),
+        # vllm serve --steering-*
+        "serve-plugin-without-packs": ([*serve, "--steering-plugin"], "vllm serve", "--steering-packs"),
+        "serve-missing-packs-dir": ([*serve, "--steering-plugin", "--steering-packs", w["missing"]], "vllm serve",
+                                    "--steering-packs"),
+        "serve-pack-of-another-model": ([*serve, "--steering-plugin", "--steering-packs", w["other_dir"]],
+                                        "vllm serve", "does not fit"),
+    }
+
+
+@pytest.fixture(scope="module")
+def world(model_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("user_errors")
+    model = cached_tiny_checkpoint("llama", cache_root=model_cache, max_position_embeddings=64)
+    shape = shape_of_checkpoint(model)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"Q: is {i} even? A:", "positive": " yes", "negative": " no"})
+                               for i in range(8)))
+    short_answer = root / "items.jsonl"
+    short_answer.write_text(json.dumps({"prompt": "Q: is 2 even? A:", "true_answer": "yes"}) + "\n")
+    (root / "empty").mkdir()
+    packs_dir = root / "packs"
+    pack = save_pack(packs_dir / "fits.safetensors", random_pack(shape, "fits", num_heads_selected=2))
+    corrupt_dir = root / "corrupt"
+    corrupt_dir.mkdir()
+    (corrupt_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
+    other = ModelShape(architecture="LlamaForCausalLM", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                       hidden_size=128)
+    other_pack = save_pack(root / "other" / "other.safetensors", random_pack(other, "other", num_heads_selected=2))
+    return {
+        "model": str(model), "pairs": str(pairs), "short_answer": str(short_answer), "out": str(root / "p.safetensors"),
+        "job": str(root / "job"), "missing": str(root / "missing"), "empty_dir": str(root / "empty"),
+        "pack": str(pack), "packs_dir": str(packs_dir), "corrupt": str(corrupt_dir / "broken.safetensors"),
+        "corrupt_dir": str(corrupt_dir), "other_pack": str(other_pack), "other_dir": str(root / "other"),
+        "mc_task": str(truthfulqa_dir() / "mc_task.json"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """Every case's (return code, stderr, seconds), run four at a time."""
+
+    def run(argv):
+        start = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        return proc.returncode, proc.stderr, time.monotonic() - start
+
+    cases = _cases(world)
+    slow_first = sorted(cases, key=lambda name: (cases[name][0][0] != VLLM, "ray" not in name))  # vLLM imports
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run, cases[name][0]) for name in slow_first}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(_cases(defaultdict(str))))
+def test_a_mistake_ends_with_one_message_and_exit_code_2(case, world, runs):
+    _, prog, words = _cases(world)[case]
+    code, stderr, seconds = runs[case]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert code == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    message = lines[-1]
+    assert message.startswith(f"{prog}: error:") and words in message, stderr[-3000:]
+    assert sum(line.startswith(f"{prog}: error") for line in lines) == 1
+    if case == "eval-unreachable-ray":
+        assert seconds < 60  # not Ray's minutes of retries
+    assert not Path(world["out"]).exists() and not Path(world["job"]).exists()  # nothing written
