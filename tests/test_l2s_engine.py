@@ -112,8 +112,9 @@ def test_mixed_batch_under_kv_pressure_predicts_once_per_request(case):
     after = _predictions(case["llm"])
     num_l2s = sum(1 for s in specs if s is not None and s["method"] == "l2s")
     assert after[0] - before[0] == num_l2s and after[1] == 0
-    # KV pressure: more preemptions than the FASB backtracks alone account for.
-    assert _preemptions(case["llm"]) - preemptions > sum(1 for s in specs if s and s["method"] == "fasb")
+    # KV pressure preempted requests (FASB backtracks roll back in place: they preempt nothing,
+    # except a request KV pressure had already preempted).
+    assert _preemptions(case["llm"]) - preemptions > 0
     for p, s, tokens in zip(prompts, specs, got):
         if s is not None and s["method"] == "l2s":
             assert tokens == _reference(case, p, s, max_new=24)[0]
