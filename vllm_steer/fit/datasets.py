@@ -31,7 +31,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from vllm_steer.errors import SteeringError
 
@@ -176,18 +176,11 @@ def load_truthfulqa_csv(path: str | Path) -> list[LabeledCompletion]:
     return _finish(examples, p)
 
 
-def load_jsonl(path: str | Path) -> list[LabeledCompletion]:
-    """Generic JSONL: ``{"prompt", "positive", "negative"}`` or ``{"prompt", "completion", "label"}``.
-
-    The pair form yields two completions (``positive`` label 1, ``negative`` label 0). ``label`` is
-    0/1 or true/false; an empty ``completion`` labels the prompt itself (its activations are then read
-    at the prompt's last token, e.g. the answer cue). The group is the line's ``"group"`` (else ``"id"``) value as a string, or the
-    1-based line number. Blank lines are skipped; the two forms may be mixed in one file.
-    """
-    p = Path(path)
-    text = _read_text(p)
-    examples: list[LabeledCompletion] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+def jsonl_objects(p: Path) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, "<file>, line <n>", object)`` for each non-blank line of a JSONL file; a missing,
+    unreadable or empty file, invalid JSON or a line that is not an object is a DatasetError naming
+    the file and the line."""
+    for line_number, line in enumerate(_read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}, line {line_number}"
@@ -197,6 +190,20 @@ def load_jsonl(path: str | Path) -> list[LabeledCompletion]:
             raise DatasetError(f"{where}, column {e.colno}: invalid JSON: {e.msg}", field=str(p)) from e
         if not isinstance(obj, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}", field=str(p))
+        yield line_number, where, obj
+
+
+def load_jsonl(path: str | Path) -> list[LabeledCompletion]:
+    """Generic JSONL: ``{"prompt", "positive", "negative"}`` or ``{"prompt", "completion", "label"}``.
+
+    The pair form yields two completions (``positive`` label 1, ``negative`` label 0). ``label`` is
+    0/1 or true/false; an empty ``completion`` labels the prompt itself (its activations are then read
+    at the prompt's last token, e.g. the answer cue). The group is the line's ``"group"`` (else ``"id"``) value as a string, or the
+    1-based line number. Blank lines are skipped; the two forms may be mixed in one file.
+    """
+    p = Path(path)
+    examples: list[LabeledCompletion] = []
+    for line_number, where, obj in jsonl_objects(p):
         group = _group_of(obj, where, default=str(line_number))
         if "positive" in obj or "negative" in obj:
             prompt = _text(_key(obj, "prompt", where), where, "prompt")

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_steer.fit.datasets import DatasetError, load_dataset
+from vllm_steer.fit.datasets import DatasetError, jsonl_objects, load_dataset
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def load_l2s_contrasts(path: str | Path) -> list[L2SContrast]:
 
 def _has_prompt_pairs(p: Path) -> bool:
     try:
-        with p.open(encoding="utf-8") as f:
+        with p.open(encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
                     obj = json.loads(line)
@@ -61,16 +61,7 @@ def _has_prompt_pairs(p: Path) -> bool:
 
 def _load_prompt_pairs(p: Path) -> list[L2SContrast]:
     out = []
-    for line_number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}, line {line_number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}, column {e.colno}: invalid JSON: {e.msg}", field=str(p)) from e
-        if not isinstance(obj, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}", field=str(p))
+    for _, where, obj in jsonl_objects(p):
         texts = {}
         for key in ("prompt", *PROMPT_PAIR_KEYS):
             value = obj.get(key)
@@ -82,6 +73,4 @@ def _load_prompt_pairs(p: Path) -> list[L2SContrast]:
                                    f"line)", field=key)
             texts[key] = tuple(values)
         out.append(L2SContrast(texts["prompt"][0], texts["positive_prompt"], texts["negative_prompt"], False))
-    if not out:
-        raise DatasetError(f"{p}: no rows", field=str(p))
-    return out
+    return out  # never empty: jsonl_objects refuses a file without a line
