@@ -9,7 +9,8 @@ symbols themselves), never by comparing version numbers.
   they refuse steering engines the same way. Installing the plugin never raises into vLLM.
 * The version differences themselves, each behind one function: ``preempt_dropping_in_flight``
   (how a backtrack preempts a request), ``discard_in_flight`` (how an in-place backtrack drops the
-  step in flight) and ``endpoint_attach_points`` (where the API server attaches
+  step in flight), ``block_is_writable`` (whether a KV block may be written in place) and
+  ``endpoint_attach_points`` (where the API server attaches
   endpoint plugins).
 """
 
@@ -182,6 +183,15 @@ def discard_in_flight(request) -> None:
     elif hasattr(request, "async_tokens_to_discard"):
         request.async_tokens_to_discard += request.num_output_placeholders
     request.num_output_placeholders = 0
+
+
+def block_is_writable(pool, block) -> bool:
+    """Whether ``block`` may be written in place: vLLM 0.32+ asks its ``BlockPool.is_block_writable``;
+    0.26 has none, and the same rule is spelled out (a real block, held by one request, not cached)."""
+    check = getattr(pool, "is_block_writable", None)
+    if check is not None:
+        return check(block)
+    return not block.is_null and block.ref_cnt == 1 and block.block_hash is None
 
 
 def endpoint_attach_points() -> list[tuple[object, str]]:

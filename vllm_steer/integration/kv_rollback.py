@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_steer.integration.compat import block_is_writable
+
 COPY, EVICT, KEEP, DROP = "copy", "evict", "keep", "drop"
 
 
@@ -38,13 +40,6 @@ class RollbackPlan:
     @property
     def num_copies(self) -> int:
         return sum(m.action == COPY for m in self.managers)
-
-
-def _writable(pool, block) -> bool:
-    check = getattr(pool, "is_block_writable", None)  # vLLM 0.32+
-    if check is not None:
-        return check(block)
-    return not block.is_null and block.ref_cnt == 1 and block.block_hash is None
 
 
 def _mm_ends_after(request, position: int) -> bool:
@@ -88,7 +83,7 @@ def plan(scheduler, request, steer_from: int) -> RollbackPlan | str:
             result.managers.append(ManagerPlan(m, s, DROP))
             continue
         b = blocks[s]
-        if _writable(pool, b):
+        if block_is_writable(pool, b):
             action = KEEP
         elif free_by_pool[id(pool)] > 0:
             action = COPY
