@@ -20,18 +20,28 @@ every token scores exactly P (default 0.3). A request with threshold 0.5 therefo
 first check, i.e. when G = min(min_tokens, max_tokens) tokens are generated, drops
 min(backtrack, G) tokens and regenerates them steered at alpha * (1 - P) (one backtrack at most).
 A backtrack rolls the request's paged KV back in place (no preemption, no re-prefill), so it should
-cost only the recomputed tokens:
+cost only the recomputed tokens. A firing request drops s' = min(s, G) tokens and needs s' more
+decode steps than it would have; the other requests' steps are unchanged. So the n_fired firing
+requests run s' extra decode steps together, after everyone else finished (all of them at batch n
+when F = 100 %). Charging exactly those:
 
-  predicted ratio to vanilla = fasb_idle ratio x delivered / (delivered + recomputed)
+  predicted seconds = fasb_idle seconds + s' x decode step(n_fired)
+  predicted ratio to vanilla = fasb_idle ratio x fasb_idle seconds / predicted seconds
 
-with delivered = num_requests x max_tokens (the tokens the client receives; tokens/s counts these
-only) and recomputed = the tokens regenerated after backtracks, read from the engine's counters
-(``recomputed_tokens``; the run checks it equals n_fired x min(s, G)). fasb_idle ratio =
-median tokens/s of fasb_idle / median tokens/s of vanilla, same prefix-caching setting. Each fire
-row prints measured ratio, predicted ratio and (measured - predicted) / predicted in percent, and
-whether |that| <= ``--goal-pct`` (3 %, the issue's goal). Note what the prediction leaves out: the
-recomputed tokens of the fired requests run as extra decode steps at the end of the batch, where
-fewer requests share a step, so a decode step's fixed cost is spread over fewer tokens.
+decode step(b) is measured in the same run, on the plugin engine with the fasb_idle spec, by two
+calibration rows per batch size b (b = n_fired of each fire row): ``step b`` (b of the prompts,
+max_tokens tokens each) and ``prefill b`` (the same b prompts, 1 token each):
+decode step(b) = (seconds(step b) - seconds(prefill b)) / (max_tokens - 1). For b = n, ``step n``
+is the fasb_idle row itself. s' x n_fired is checked against the engine's own counter of
+recomputed tokens (``recomputed_tokens``). Each fire row prints measured ratio, predicted ratio and
+(measured - predicted) / predicted in percent, and whether |that| <= ``--goal-pct`` (3 %, the
+issue's goal); F = 0 is the fasb_idle workload measured again, so its deviation is this run's noise.
+
+The run also prints the cruder prediction of issue 17's first run, for comparison: fasb_idle ratio x
+delivered / (delivered + recomputed), which charges a recomputed token as much as an average
+delivered token. That average carries the prompt's prefill (which a backtrack does not repeat) and
+ignores that the extra steps run at a smaller batch, so it overstates the cost at F = 100 % and
+understates it at small F, where the fixed cost of a decode step is shared by few requests.
 
 Per row, the run also reads from the engines (deltas over the measured run): the scheduler's
 backtracks in place and by preemption, KV blocks copied by rollbacks, recomputed tokens (the
@@ -51,8 +61,7 @@ rollbacks keep it and copy nothing; e.g. ``--max-tokens 48 --min-tokens 40 --bac
 Rounds are interleaved, and each round starts one row later than the previous one, so drifts of
 the shared machine hit every row alike; medians over rounds are reported.
 
-Default run (3 rounds x 12 runs of 128 requests x 32 tokens, 4 engines): about 10-12 minutes on an
-idle 2-core CPU.
+Default run (5 rounds x 22 runs, 4 engines): about 10 minutes on an idle 2-core CPU.
 
     python benchmarks/fasb_throughput.py --json /tmp/fasb_tp.json
 """
@@ -127,7 +136,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     add_model_args(parser)
     parser.add_argument("--block-size", type=int, default=32, help="KV block size (CPU: a multiple of 32)")
     parser.add_argument("--selected-heads", type=int, default=16, help="K: probed and steered heads")
@@ -174,8 +183,8 @@ def main() -> None:
         startup[pc] = time.perf_counter() - t0
         print(f"prefix caching {pc}: 2 engines built in {startup[pc]:.0f} s", flush=True)
 
-    def params(spec=None):
-        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+    def params(spec=None, max_tokens=args.max_tokens):
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                               extra_args={"steering": spec} if spec else None)
 
     def fasb(threshold: float) -> dict:
@@ -187,35 +196,43 @@ def main() -> None:
     def fire_row(f: float) -> str:
         return f"fire {100 * f:g}%"
 
-    rows: dict[str, tuple] = {}  # name -> (prefix caching, kind, fraction, engine, params)
+    # Calibration batch sizes: the firing requests' count of each fire row (n: fasb_idle is "step n").
+    calib_sizes = sorted({sum(firing[f]) for f in args.fire_fractions if sum(firing[f])})
+    rows: dict[str, tuple] = {}  # name -> (prefix caching, kind, fraction, engine, prompts, params)
     for pc, (steer_llm, vanilla_llm) in engines.items():
-        rows[f"{pc}/vanilla"] = (pc, "vanilla", None, vanilla_llm, [params()] * n)
-        rows[f"{pc}/fasb_idle"] = (pc, "fasb_idle", None, steer_llm, [params(fasb(0.0))] * n)
+        rows[f"{pc}/vanilla"] = (pc, "vanilla", None, vanilla_llm, prompts, [params()] * n)
+        rows[f"{pc}/fasb_idle"] = (pc, "fasb_idle", None, steer_llm, prompts, [params(fasb(0.0))] * n)
         for f in args.fire_fractions:
-            rows[f"{pc}/{fire_row(f)}"] = (pc, "fire", f, steer_llm,
+            rows[f"{pc}/{fire_row(f)}"] = (pc, "fire", f, steer_llm, prompts,
                                           [params(fasb(0.5 if x else 0.0)) for x in firing[f]])
+        for b in calib_sizes:
+            if b != n:
+                rows[f"{pc}/step {b}"] = (pc, "calibration", None, steer_llm, prompts[:b], [params(fasb(0.0))] * b)
+            rows[f"{pc}/prefill {b}"] = (pc, "calibration", None, steer_llm, prompts[:b],
+                                        [params(fasb(0.0), max_tokens=1)] * b)
 
     t_warm = time.perf_counter()
     for pc, (steer_llm, vanilla_llm) in engines.items():  # the whole batch once: fills prefix caches alike
         for llm in (steer_llm, vanilla_llm):
             llm.generate(prompts, [params()] * n, use_tqdm=False)
-    for _, _, _, llm, p in rows.values():  # compiles, and exercises a backtrack
-        llm.generate(prompts[:8], p[:8], use_tqdm=False)
+    for _, _, _, llm, row_prompts, p in rows.values():  # compiles, and exercises a backtrack
+        llm.generate(row_prompts[:8], p[:8], use_tqdm=False)
     warm_s = time.perf_counter() - t_warm
     print(f"warm-up {warm_s:.0f} s", flush=True)
 
     last_tokens: dict[str, list[list[int]]] = {}
 
     def run(name: str) -> dict:
-        pc, kind, _, llm, p = rows[name]
+        pc, kind, _, llm, row_prompts, p = rows[name]
         plugin = kind != "vanilla"
         before = steering_counters(llm) if plugin else {}
         pre0 = preemptions(llm)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, p, use_tqdm=False)
+        outs = llm.generate(row_prompts, p, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
+        expected = sum(x.max_tokens for x in p)
+        assert tokens == expected, f"{name}: {tokens} tokens delivered, expected {expected}"
         last_tokens[name] = [list(o.outputs[0].token_ids) for o in outs]
         measured = {"tokens_per_s": tokens / elapsed, "seconds": elapsed,
                     "preemptions": preemptions(llm) - pre0}
@@ -227,6 +244,12 @@ def main() -> None:
 
     measured = interleaved_rounds(list(rows), args.rounds, run)
     med = median_of(measured, "tokens_per_s")
+    sec = median_of(measured, "seconds")
+
+    def decode_step_seconds(pc: str, b: int) -> float:
+        """Seconds of one decode step at batch b (fasb_idle spec, plugin engine), from calibration rows."""
+        full = sec[f"{pc}/fasb_idle"] if b == n else sec[f"{pc}/step {b}"]
+        return (full - sec[f"{pc}/prefill {b}"]) / (args.max_tokens - 1)
 
     # What the spec implies (constant probes): every firing request fires once, at G_fire.
     g_fire = min(args.min_tokens, args.max_tokens)
@@ -235,7 +258,9 @@ def main() -> None:
     delivered = n * args.max_tokens
 
     table = []
-    for name, (pc, kind, f, _, _) in rows.items():
+    for name, (pc, kind, f, _, _, _) in rows.items():
+        if kind == "calibration":
+            continue
         runs = measured[name]
         ratio = med[name] / med[f"{pc}/vanilla"]
         idle_ratio = med[f"{pc}/fasb_idle"] / med[f"{pc}/vanilla"]
@@ -253,7 +278,12 @@ def main() -> None:
             n_fired = sum(firing[f])
             recomputed = [m["recomputed_tokens"] for m in runs]  # per round, from the engine
             recomputed_spec = n_fired * per_fire
-            predicted = idle_ratio * delivered / (delivered + statistics.median(recomputed))
+            crude = idle_ratio * delivered / (delivered + statistics.median(recomputed))
+            step_s = decode_step_seconds(pc, n_fired) if n_fired else 0.0
+            extra_steps = statistics.median(recomputed) / n_fired if n_fired else 0.0
+            idle_s = sec[f"{pc}/fasb_idle"]
+            predicted_s = idle_s + extra_steps * step_s
+            predicted = idle_ratio * idle_s / predicted_s
             diff_pct = 100.0 * (ratio - predicted) / predicted
             idle, trig = last_tokens[f"{pc}/fasb_idle"], last_tokens[name]
             row.update({
@@ -264,7 +294,13 @@ def main() -> None:
                 "backtracks_match_fired": all(m["backtracks"] == n_fired for m in runs),
                 "recomputed_fraction": statistics.median(recomputed) / delivered,
                 "fasb_idle_ratio": idle_ratio,
+                "fasb_idle_seconds": idle_s,
+                "extra_decode_steps": extra_steps,
+                "decode_step_seconds_at_fired_batch": step_s,
+                "predicted_seconds": predicted_s,
                 "predicted_ratio": predicted,
+                "crude_predicted_ratio": crude,
+                "crude_diff_pct": 100.0 * (ratio - crude) / crude,
                 "measured_minus_predicted_pct": diff_pct,
                 "meets_goal": abs(diff_pct) <= args.goal_pct,
                 "non_firing_requests_untouched": all(idle[i] == trig[i] for i in range(n) if not firing[f][i]),
@@ -283,8 +319,12 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "args": {k: v for k, v in vars(args).items()},
         "kv_cache_gib_per_engine": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
-        "formula": "predicted = (fasb_idle tok/s / vanilla tok/s) * delivered / (delivered + recomputed); "
-                   "diff_pct = 100 * (measured - predicted) / predicted",
+        "formula": "predicted seconds = fasb_idle seconds + (recomputed / n_fired) * decode step(n_fired), "
+                   "decode step(b) = (seconds(step b) - seconds(prefill b)) / (max_tokens - 1); "
+                   "predicted = fasb_idle ratio * fasb_idle seconds / predicted seconds; "
+                   "diff_pct = 100 * (measured - predicted) / predicted; crude = fasb_idle ratio * delivered / "
+                   "(delivered + recomputed)",
+        "decode_step_seconds": {pc: {b: decode_step_seconds(pc, b) for b in calib_sizes} for pc in engines},
         "delivered_tokens_per_run": delivered,
         "g_at_fire": g_fire, "kept_tokens_at_fire": keep, "recomputed_tokens_per_fire": per_fire,
         "rows": table,
@@ -304,13 +344,17 @@ def main() -> None:
           f"{result['kv_cache_gib_per_engine']} GiB per engine; {args.rounds} interleaved rounds, medians")
     print(f"a firing request fires at G={g_fire}, keeps {keep} and regenerates {per_fire} tokens; "
           f"delivered {delivered} tokens per run")
-    print("predicted ratio = fasb_idle ratio x delivered / (delivered + recomputed), recomputed from the "
-          "engine's counter; diff = (measured - predicted) / predicted; goal |diff| <= "
-          f"{args.goal_pct:g} %")
+    print("predicted ratio = fasb_idle ratio x fasb_idle s / (fasb_idle s + recomputed / n_fired x decode step at "
+          "batch n_fired), recomputed from the engine's counter; diff = (measured - predicted) / predicted; goal "
+          f"|diff| <= {args.goal_pct:g} %; crude = fasb_idle ratio x delivered / (delivered + recomputed)")
+    print("\ndecode step seconds at batch b (plugin engine, fasb_idle spec, (step b - prefill b) / "
+          f"{args.max_tokens - 1}): " + "; ".join(
+              f"caching {pc}: " + ", ".join(f"b={b} {1000 * v:.2f} ms" for b, v in steps.items())
+              for pc, steps in result["decode_step_seconds"].items()))
     print("\n| prefix cache | row | fired | tok/s (median) | measured ratio | recomputed / delivered "
-          "| predicted ratio | diff | within goal | backtracks in place / by preemption | kv copies "
-          "| vllm:num_preemptions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| predicted ratio | diff | within goal | crude prediction (diff) | backtracks in place / by preemption "
+          "| kv copies | vllm:num_preemptions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         fire = r["fire_fraction"] is not None
         counters = (f"{r['backtracks_in_place']} / {r['backtracks_by_preemption']}" if "backtracks" in r else "-")
@@ -319,7 +363,9 @@ def main() -> None:
               f"| {(str(r['recomputed_tokens_per_run']) + ' / ' + str(delivered)) if fire else '-'} "
               f"| {format(r['predicted_ratio'], '.3f') if fire else '-'} "
               f"| {format(r['measured_minus_predicted_pct'], '+.1f') + ' %' if fire else '-'} "
-              f"| {('yes' if r['meets_goal'] else 'NO') if fire else '-'} | {counters} "
+              f"| {('yes' if r['meets_goal'] else 'NO') if fire else '-'} "
+              f"| {(format(r['crude_predicted_ratio'], '.3f') + ' (' + format(r['crude_diff_pct'], '+.1f') + ' %)') if fire else '-'} "
+              f"| {counters} "
               f"| {r.get('kv_copies', '-')} | {r['preemptions']:.0f} |")
     print("(counters and preemptions: summed over all rounds of the row)")
     print("\nchecks vs the unsteered tokens (fasb_idle, same engine):")
@@ -337,6 +383,9 @@ def main() -> None:
     print("\nper round (tok/s): " + "; ".join(
         f"{r['prefix_caching']}/{r['row']} " + " / ".join(f"{x:.1f}" for x in r["all_rounds_tokens_per_s"])
         for r in table))
+    print("calibration rows per round (s): " + "; ".join(
+        f"{name} " + " / ".join(f"{m['seconds']:.3f}" for m in measured[name])
+        for name, row in rows.items() if row[1] == "calibration"))
     print(f"(engines {sum(startup.values()):.0f} s, warm-up {warm_s:.0f} s, {result['seconds']:.0f} s in all)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

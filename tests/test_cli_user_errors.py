@@ -9,6 +9,7 @@ the `vllm serve` cases, which import all of vLLM).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -53,12 +54,16 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
         "fit-out-suffix": ([*fit[:7], out.replace(".safetensors", ".pt")], "vllm-steer fit", "--out"),
         "fit-tensor-parallel": ([*fit, "--tensor-parallel-size", "3"], "vllm-steer fit", "--tensor-parallel-size"),
         "fit-pack-name": ([*fit, "--name", "a/b"], "vllm-steer fit", "--name"),
+        "fit-probe-c-0": ([*fit, "--probe-c", "0"], "vllm-steer fit", "--probe-c"),
+        "fit-probe-c-inf": ([*fit, "--probe-c", "inf"], "vllm-steer fit", "--probe-c"),
         # vllm-steer fit l2s
         "l2s-read-layer": ([*l2s[:-4], "--read-layer", "99", "--steer-layer", "2"], "vllm-steer fit l2s",
                            "--read-layer"),
         "l2s-width-0": ([*l2s, "--width", "0"], "vllm-steer fit l2s", "--width"),
         "l2s-missing-data": ([*l2s[:6], w["missing"] + ".jsonl", *l2s[7:]], "vllm-steer fit l2s", "--data"),
         "l2s-longer-than-the-model": ([*l2s, "--max-model-len", "65"], "vllm-steer fit l2s", "--max-model-len"),
+        "l2s-no-chat-template": ([STEER, "fit", "l2s", "--model", w["no_chat_model"], *l2s[5:], "--chat-template"],
+                                 "vllm-steer fit l2s", "--chat-template"),
         # vllm-steer eval
         "eval-shards-0": ([*ev, "--shards", "0"], "vllm-steer eval", "--shards"),
         "eval-actors-negative": ([*ev, "--actors", "-1"], "vllm-steer eval", "--actors"),
@@ -80,6 +85,15 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
         "eval-alphas": ([*ev, "--setting", '{"method": "off"}', "--alphas", "1,x"], "vllm-steer eval", "--alphas"),
         "eval-instruction-file": ([*ev, "--instruction-file", w["missing"] + ".txt"], "vllm-steer eval",
                                   "--instruction-file"),
+        "eval-answer-prefix-value": ([*ev, "--answer-prefix", "question"], "vllm-steer eval", "--answer-prefix"),
+        "eval-answer-prefix-benchmark": ([*ev, "--answer-prefix", "generated"], "vllm-steer eval",
+                                         "--answer-prefix"),
+        "eval-mc-format-value": ([*ev, "--mc-format", "paper"], "vllm-steer eval", "--mc-format"),
+        "eval-mc-start-offset-negative": ([*ev, "--mc-start-offset", "-1"], "vllm-steer eval", "--mc-start-offset"),
+        "eval-mc-scored-value": ([*ev, "--mc-scored", "all"], "vllm-steer eval", "--mc-scored"),
+        "eval-mc-format-benchmark": ([*ev, "--mc-format", "qa"], "vllm-steer eval", "--mc-format"),
+        "eval-primer-file": ([STEER, "eval", "--model", model, "--data", w["mc_task"], "--out", w["job"],
+                              "--primer-file", w["missing"] + ".txt"], "vllm-steer eval", "--primer-file"),
         # vllm-steer pack inspect
         "inspect-missing": ([STEER, "pack", "inspect", w["missing"] + ".safetensors"], "vllm-steer pack inspect",
                             "not found"),
@@ -104,6 +118,12 @@ def world(model_cache, tmp_path_factory):
     short_answer = root / "items.jsonl"
     short_answer.write_text(json.dumps({"prompt": "Q: is 2 even? A:", "true_answer": "yes"}) + "\n")
     (root / "empty").mkdir()
+    no_chat_model = root / "no_chat_model"  # the tiny model, its tokenizer without a chat template
+    shutil.copytree(model, no_chat_model)
+    (no_chat_model / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((no_chat_model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (no_chat_model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     packs_dir = root / "packs"
     pack = save_pack(packs_dir / "fits.safetensors", random_pack(shape, "fits", num_heads_selected=2))
     corrupt_dir = root / "corrupt"
@@ -117,7 +137,7 @@ def world(model_cache, tmp_path_factory):
         "job": str(root / "job"), "missing": str(root / "missing"), "empty_dir": str(root / "empty"),
         "pack": str(pack), "packs_dir": str(packs_dir), "corrupt": str(corrupt_dir / "broken.safetensors"),
         "corrupt_dir": str(corrupt_dir), "other_pack": str(other_pack), "other_dir": str(root / "other"),
-        "mc_task": str(truthfulqa_dir() / "mc_task.json"),
+        "mc_task": str(truthfulqa_dir() / "mc_task.json"), "no_chat_model": str(no_chat_model),
     }
 
 

@@ -89,6 +89,38 @@ def test_mc_scores_match_the_hf_reference_unsteered_and_under_iti(job, runner):
     assert moved > 0.1  # the steered setting really changes the scores
 
 
+
+def test_mc_under_the_reference_protocol_matches_the_hf_reference(job, runner):
+    """FASB's reference MC protocol (``McProtocol(answer_format="qa")``): instruction, primer, then
+    ``Q: {q}\nA: {a}``; only the answer's tokens are scored (not the ``\nA:`` marker), and ITI steers
+    from len(question prompt) + 4 on, the reference's start."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_steer.eval.mc_protocol import McProtocol
+
+    llm, tok, raw = runner.llm, runner.tokenizer, load_file(job.packs[0])
+    hf = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32).eval()
+    instruction, primer = "Answer every question truly.", "Q: Is ice cold?\nA: Yes, ice is cold."
+    protocol = McProtocol(answer_format="qa", instruction=instruction, primer=primer)
+    questions = load_mc_questions(truthfulqa_dir() / "mc_task.json")[:2]
+    heads = [(int(l), int(h), raw["heads.direction"][i], float(raw["heads.sigma"][i]))
+             for i, (l, h) in enumerate(zip(raw["heads.layer"], raw["heads.head"]))]
+    for setting, ref_heads in ((None, None), ({"pack": "tq", "method": "iti", "alpha": ALPHA}, heads)):
+        results = evaluate_mc(llm, tok, questions, setting, protocol=protocol)
+        for q, r in zip(questions, results):
+            head = f"{instruction}\n\n{primer}\n\nQ: {q.question}"
+            question_ids, marked = tok(head)["input_ids"], tok(head + "\nA:")["input_ids"]
+            for answer in r.scores:
+                ids = tok(f"{head}\nA: {answer}")["input_ids"]
+                assert ids[: len(marked)] == marked and len(marked) > len(question_ids)
+                start = len(question_ids) + 4  # steered from here on ("last" steers prompt_len - 1 on)
+                with torch.no_grad(), steering_hooks(hf, heads=ref_heads, alpha=ALPHA, prompt_len=start + 1,
+                                                     prompt_positions="last", state={"offset": 0}):
+                    logp = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+                ref = float(sum(logp[t - 1, ids[t]] for t in range(len(marked), len(ids))))
+                assert r.scores[answer] == pytest.approx(ref, abs=2e-3)
+
+
 def test_mc_loader_names_the_bad_field(tmp_path):
     bad = tmp_path / "mc.json"
     bad.write_text(json.dumps([{"question": "Q?", "mc1_targets": {"a": 1, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}]))
@@ -155,6 +187,25 @@ def test_a_folder_holding_another_job_is_refused(job, tmp_path):
         run_job(other, tmp_path, progress=False)
 
 
+def test_answer_prefix_is_a_generation_option(tmp_path):
+    from vllm_steer.errors import SteeringError
+
+    csv = str(truthfulqa_dir() / "TruthfulQA.csv")
+    ours = EvalJob(model="m", data=csv, benchmark="truthfulqa_gen")
+    reference = EvalJob(model="m", data=csv, benchmark="truthfulqa_gen", answer_prefix="generated")
+    assert EvalJob.from_json(reference.to_json()) == reference and ours.answer_prefix == "prompt"
+    for bad, words in ((dict(benchmark="truthfulqa_gen", answer_prefix="model"), "'prompt' or 'generated'"),
+                       (dict(answer_prefix="generated"), "truthfulqa_gen benchmark only")):
+        with pytest.raises(SteeringError, match=words) as info:
+            EvalJob(model="m", data=csv, **bad)
+        assert info.value.field == "answer_prefix"
+    # a job.json written before the field existed holds the default's job, not the reference form's
+    old = {k: v for k, v in ours.to_json().items() if k != "answer_prefix"}
+    (tmp_path / "job.json").write_text(json.dumps(old))
+    with pytest.raises(SteeringError, match="another job"):
+        run_job(reference, tmp_path, progress=False)
+
+
 def test_generation_benchmark_scores_every_answer_without_judges(job, runner, tmp_path):
     gen = EvalJob(model=job.model, data=str(truthfulqa_dir() / "TruthfulQA.csv"), packs=job.packs,
                   benchmark="truthfulqa_gen", settings=job.settings, num_shards=2, limit=4, max_tokens=12,
@@ -166,12 +217,15 @@ def test_generation_benchmark_scores_every_answer_without_judges(job, runner, tm
     for setting in results:
         assert [r["item"] for r in setting["items"]] == [0, 1, 2, 3]
         for r in setting["items"]:
-            assert r["bleu_acc"] in (0.0, 1.0) and r["rouge_acc"] in (0.0, 1.0) and r["no_comment"] in (0.0, 1.0)
+            scored = (0.0, 1.0) if r["answer"] else (None,)  # TruthfulQA does not score an empty answer
+            assert all(r[f"{m}_acc"] in scored for m in ("bleu", "rouge1", "rouge2", "rougeL"))
+            assert r["no_comment"] in (0.0, 1.0)
             assert isinstance(r["answer"], str) and "Q:" not in r["answer"] and r["length"] >= 0
+            assert r["text"].split("Q:", 1)[0].strip() == r["answer"]  # the raw text, to re-score
     plain, steered = ([r["answer"] for r in s["items"]] for s in results)
     assert plain != steered
     summary = (tmp_path / "summary.md").read_text()
-    assert "| setting | n | bleu_acc | rouge_acc | length | no_comment |" in summary
+    assert "| setting | n | bleu_acc | rouge1_acc | rouge2_acc | rougeL_acc | length | no_comment |" in summary
 
 
 def test_folds_send_each_question_to_the_pack_fitted_without_it(job, runner, tmp_path):

@@ -63,6 +63,8 @@ def test_fit_truthfulqa_writes_a_pack_the_engine_uses(model, engine, small_truth
     meta = pack.manifest.metadata
     assert meta["K"] == 5 and meta["split"]["seed"] == 42 and len(meta["selected_val_accuracy"]) == 5
     assert meta["selected_val_accuracy"] == sorted(meta["selected_val_accuracy"], reverse=True)
+    assert meta["probe_C_selection"] == "validation" and len(meta["probe_C_grid"]) > 1
+    assert len(meta["probe_C"]) == 1 and meta["probe_C"][0] in meta["probe_C_grid"]
     assert report.heatmap_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pack.manifest.residual_layers == [1, 2]
     # The pack loads into a steering engine and changes the output (eager: compiled steering is
@@ -102,7 +104,9 @@ def _fitted_probes_drive_fasb_like_the_reference(model, pack_path, llm):
 
 
 def test_fasb_mc_scoring_matches_the_reference(model, engine, probed_pack):
-    """Two-pass MC answer log-probs under FASB (capture pass, then a steered pass from the trigger)."""
+    """Two-pass MC answer log-probs under FASB (capture pass, then a steered pass from the trigger),
+    for long answers and short ones: answers of fewer than skip_first + s tokens are checked at their
+    last position only (or not at all when they end before start), as FASB's released MC loop does."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -113,19 +117,26 @@ def test_fasb_mc_scoring_matches_the_reference(model, engine, probed_pack):
     raw = load_file(str(probed_pack))
     pack = load_pack(probed_pack)
     rng = np.random.default_rng(3)
-    answers = [McAnswer(tuple(int(t) for t in rng.integers(3, 500, 6)), tuple(int(t) for t in rng.integers(3, 500, 12)))
-               for _ in range(10)]
+    skip, s = 4, 2
+    lengths = [12, 12, 10, 9, 7, 7, 6, 6, 6, 5, 5, 5, 4, 3, 1]  # skip + s = 6: short ones are < 6
+    answers = [McAnswer(tuple(int(t) for t in rng.integers(3, 500, 6)), tuple(int(t) for t in rng.integers(3, 500, n)),
+                        score_from=2 if i % 3 == 1 and n > 2 else 0)
+               for i, n in enumerate(lengths)]
     scores = [probe_scores_at(hf, list(a.prompt_ids + a.answer_ids), raw) for a in answers]
-    threshold = float(np.median([min(s[6 + 4 + 2:]) for s in scores]))
-    got = fasb_answer_logprobs(engine, pack, answers, alpha=8.0, threshold=threshold, backtrack=2, skip_first=4)
-    fired = 0
+    # a threshold that splits the answers: the median of each one's lowest score from start on
+    threshold = float(np.median([min(sc[6 + skip:]) for sc in scores if len(sc) > 6 + skip]))
+    got = fasb_answer_logprobs(engine, pack, answers, alpha=8.0, threshold=threshold, backtrack=s, skip_first=skip)
+    fired = fired_short = 0
     for a, g in zip(answers, got):
         ref_logprob, ref_at = fasb_mc_logprob(hf, list(a.prompt_ids), list(a.answer_ids), raw, alpha=8.0,
-                                              threshold=threshold, backtrack=2, skip_first=4)
-        assert g.fired_at == ref_at
+                                              threshold=threshold, backtrack=s, skip_first=skip,
+                                              score_from=a.score_from)
+        assert g.fired_at == ref_at, len(a.answer_ids)
         assert g.logprob == pytest.approx(ref_logprob, abs=2e-3)
         fired += g.fired_at is not None
+        fired_short += g.fired_at is not None and len(a.answer_ids) < skip + s
     assert 0 < fired < len(answers)
+    assert fired_short >= 2  # short answers are checked (at their last position) and can fire
 
 
 def test_fit_jsonl_pairs(model, engine, tmp_path):
@@ -136,9 +147,12 @@ def test_fit_jsonl_pairs(model, engine, tmp_path):
     out = tmp_path / "pairs.safetensors"
     report = fit_steer_pack(str(model), data, out, FitOptions(name="pairs", num_heads=3, position="mean",
                                                               direction="probe", residual_layers="none",
-                                                              progress=False, max_model_len=512), llm=engine)
+                                                              probe_c=1.0, progress=False, max_model_len=512),
+                            llm=engine)
     pack = load_pack(out)
     assert pack.manifest.methods == ["iti"] and pack.manifest.metadata["position"] == "mean"
+    meta = pack.manifest.metadata  # the reference code's fixed C = 1
+    assert meta["probe_C"] == [1.0] and meta["probe_C_selection"] == "fixed" and meta["probe_C_grid"] == [1.0]
     assert report.num_train + report.num_val == 60
 
 
@@ -255,19 +269,25 @@ def test_fold_packs_are_fitted_without_their_folds_questions(model, engine, smal
     assert [p.stat().st_mtime_ns for p in paths] == stamps  # kept, not refitted
 
 
-def test_eval_job_scores_fasb_mc_on_the_capture_engine(model, engine, probed_pack, small_truthfulqa, tmp_path):
+@pytest.mark.parametrize("protocol", [{}, {"mc_format": "qa", "instruction": "Be true.", "primer": "Q: a?\nA: b.",
+                                       "mc_start_offset": 1}])
+def test_eval_job_scores_fasb_mc_on_the_capture_engine(model, engine, probed_pack, small_truthfulqa, tmp_path,
+                                                       protocol):
     from transformers import AutoTokenizer
 
     from vllm_steer.eval.job import EvalJob, Setting, ShardRunner, run_job
+    from vllm_steer.eval.mc_protocol import McProtocol
     from vllm_steer.eval.truthfulqa_mc import evaluate_mc, load_mc_questions
 
     spec = {"pack": "probed", "method": "fasb", "alpha": 8.0, "threshold": 0.6, "backtrack": 2}
     job = EvalJob(model=str(model), data=str(small_truthfulqa), packs=(str(probed_pack),),
-                  settings=(Setting(spec),), num_shards=2, limit=4)
+                  settings=(Setting(spec),), num_shards=2, limit=4, **protocol)
     assert job.needs_capture
     report = run_job(job, tmp_path, progress=False, runner=ShardRunner(job.to_json(), llm=engine))
     assert report.complete
     items = json.loads((tmp_path / "results.json").read_text())[0]["items"]
+    mc = McProtocol(answer_format=protocol.get("mc_format", "iti"), instruction=protocol.get("instruction"),
+                    primer=protocol.get("primer"), start_offset=protocol.get("mc_start_offset", 4))
     direct = evaluate_mc(engine, AutoTokenizer.from_pretrained(str(model)), load_mc_questions(small_truthfulqa)[:4],
-                         spec, pack=load_pack(probed_pack))
+                         spec, pack=load_pack(probed_pack), protocol=mc)
     assert [r["scores"] for r in items] == [pytest.approx(d.scores, abs=1e-4) for d in direct]

@@ -1,5 +1,10 @@
 """L2S and Mean-S in the engine: the predictor runs inside the prefill forward pass, once per request.
 
+With L' <= L* the vector is computed and added in the same pass (L' = L*: the predictor reads the
+unsteered stream after L*, then the steering op adds to it); with L' > L* only generated tokens are
+steered. Chat requests (``LLM.chat``) read the last token of the chat-template rendering, the token
+``vllm-steer fit l2s --chat-template`` reads.
+
 Parity is against ``tests/reference/hf_l2s.py`` (plain HF hooks, pack read from its file). The engine
 chunks long prompts (``max_num_batched_tokens=16``), keeps prefix caching on and has a KV cache small
 enough to preempt requests, so every parity case also runs under those conditions.
@@ -61,6 +66,7 @@ SPECS = [
     {"pack": "before", "method": "l2s", "alpha": 1.5},
     {"pack": "before", "method": "l2s", "alpha": 2.0, "prompt_positions": "none"},
     {"pack": "after", "method": "l2s", "alpha": 1.5, "prompt_positions": "none"},  # L' > L*: generated only
+    {"pack": "same", "method": "l2s", "alpha": 1.5},  # L' = L*: read, then add, in the same pass
     {"pack": "same", "method": "l2s", "alpha": 1.5, "prompt_positions": "none"},
     {"pack": "before", "method": "mean_s", "alpha": 1.0},
 ]
@@ -79,11 +85,12 @@ def test_l2s_matches_the_hf_reference_with_chunked_prefill(case, spec):
     assert got != plain
 
 
-@pytest.mark.parametrize("pack", ["after", "same"])
+@pytest.mark.parametrize("pack", ["after"])
 @pytest.mark.parametrize("positions", [None, "last"])
 def test_l2s_that_cannot_steer_the_prompt_is_refused_not_weakened(case, pack, positions):
-    """L' >= L*: the vector exists only after the prefill, so a request that asks (explicitly or by
-    default) for the last prompt token to be steered is refused, naming the field."""
+    """L' > L*: the vector exists only after the prefill, so a request that asks (explicitly or by
+    default) for the last prompt token to be steered is refused, naming the field. (L' = L* steers
+    it: test_l2s_matches_the_hf_reference_with_chunked_prefill.)"""
     from vllm.exceptions import VLLMValidationError
 
     spec = {"pack": pack, "method": "l2s", "alpha": 1.5, **({"prompt_positions": positions} if positions else {})}
@@ -123,3 +130,36 @@ def test_mixed_batch_under_kv_pressure_predicts_once_per_request(case):
                                            [greedy(24, s) for s in specs], use_tqdm=False))
     assert again == got
     assert _predictions(case["llm"])[0] - after[0] == num_l2s
+
+
+CHATS = [
+    "The river watches the light every day. The baker keeps a red door before noon. Who opens the stars?",
+    "Q: Who finds an old map? A: the teacher.",
+    "My neighbour paints the silver key with great care, again and again, near the sea.",
+]
+
+
+@pytest.mark.parametrize("pack", ["before", "same"])
+def test_chat_requests_read_the_end_of_the_chat_template(case, tiny_model, pack):
+    """LLM.chat: the engine's prompt is the chat-template rendering with the generation prompt, token
+    for token what ``fit l2s --chat-template`` renders, and the predictor reads its last token (here
+    in a later chunk than the first: the renderings are longer than 16 tokens). The HF reference
+    reading there gives the same tokens; reading one token earlier (a negative control) does not."""
+    from transformers import AutoTokenizer
+
+    from vllm_steer.fit.l2s_pipeline import render_chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
+    spec = {"pack": pack, "method": "l2s", "alpha": 2.0}
+    outputs = case["llm"].chat([[{"role": "user", "content": c}] for c in CHATS], greedy(MAX_NEW, spec),
+                               use_tqdm=False)
+    for content, out in zip(CHATS, outputs):
+        rendered = tok(render_chat_prompt(tok, content), add_special_tokens=False).input_ids
+        assert list(out.prompt_token_ids) == rendered and len(rendered) > 16
+        got = list(out.outputs[0].token_ids)
+        want, reads = _reference(case, rendered, spec)
+        assert got == want and reads == 1
+        earlier, _ = l2s_generate(case["hf"], rendered, case["raw"][pack], method="l2s", alpha=2.0,
+                                  read_layer=LAYERS[pack][0], steer_layer=LAYERS[pack][1], max_new_tokens=MAX_NEW,
+                                  read_position=len(rendered) - 2)
+        assert got != earlier

@@ -242,6 +242,73 @@ def test_mc_logprob(model):
     assert score == pytest.approx(manual, abs=1e-4) and abs(score - plain) > 1e-2
 
 
+
+def _plain_and_manual(model, prompt, answer, pack, steer, score_from=0):
+    ids = prompt + answer
+    first = len(prompt) + score_from
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    lm = torch.log_softmax(manual_logits(model, ids, pack, steer), -1)
+    plain = sum(float(lp[t - 1, ids[t]]) for t in range(first, len(ids)))
+    manual = sum(float(lm[t - 1, ids[t]]) for t in range(first, len(ids)))
+    return plain, manual
+
+
+# (g2) an answer whose last position falls inside the skipped stretch [start, start + s) is still
+# checked there (the last position is always checked) and steered from max(start, last - s) = start
+@pytest.mark.parametrize("answer_len", [5, 6, 7])  # skip_first 4, s 3: last = P+4 .. P+6
+def test_mc_short_answer_checks_its_last_position(model, answer_len):
+    pack = make_pack(model, seed=4, const_p=0.3)
+    prompt = PROMPTS[0]
+    answer = (PROMPTS[1] + PROMPTS[2])[:answer_len]
+    start, last = len(prompt) + 4, len(prompt) + answer_len - 1
+    assert start <= last < start + 3
+    score, at = fasb_mc_logprob(model, prompt, answer, pack, alpha=10.0, threshold=0.5, backtrack=3)
+    assert at == last
+    plain, manual = _plain_and_manual(model, prompt, answer, pack, {q: 10.0 * 0.7 for q in range(start, last + 1)})
+    assert score == pytest.approx(manual, abs=1e-4)
+    # steering position q changes the log-prob of tokens after q only: with last == start nothing
+    # scored is after a steered position
+    assert (abs(score - plain) > 1e-3) == (last > start)
+
+
+# (g3) an answer that ends before start (T - 1 < start): the walk over [start, T) is empty, nothing is
+# checked, the score is the unsteered one
+@pytest.mark.parametrize("answer_len", [1, 4])
+def test_mc_answer_ending_before_start_is_not_checked(model, answer_len):
+    pack = make_pack(model, seed=4, const_p=0.3)
+    prompt, answer = PROMPTS[0], (PROMPTS[1] + PROMPTS[2])[:answer_len]
+    score, at = fasb_mc_logprob(model, prompt, answer, pack, alpha=10.0, threshold=0.5, backtrack=3)
+    plain, _ = _plain_and_manual(model, prompt, answer, pack, {})
+    assert at is None and score == pytest.approx(plain, abs=1e-4)
+
+
+# (g4) with real (random) probes: the checked positions are exactly [start + s, T - 1) and T - 1, in
+# order: a threshold just above the score of one position fires there iff no earlier checked one is lower
+def test_mc_checked_positions_with_random_probes(model):
+    pack = make_pack(model, seed=9)
+    prompt, answer = PROMPTS[0], PROMPTS[1] + PROMPTS[2]
+    ids = prompt + answer
+    scores = probe_scores_at(model, ids, pack)
+    s, start, T = 2, len(prompt) + 4, len(ids)
+    checked = list(range(start + s, T - 1)) + [T - 1]
+    for thr in sorted(set(scores))[:6] + [max(scores) + 1e-3]:
+        expect = next((q for q in checked if scores[q] < thr), None)
+        _, at = fasb_mc_logprob(model, prompt, answer, pack, alpha=1.0, threshold=thr, backtrack=s)
+        assert at == expect
+
+
+# (g5) score_from leaves the first answer tokens (an "\nA:" marker) unscored, under steering too
+def test_mc_score_from(model):
+    pack = make_pack(model, seed=4, const_p=0.3)
+    prompt, answer = PROMPTS[0], PROMPTS[1] + PROMPTS[2]
+    start = len(prompt) + 4
+    score, at = fasb_mc_logprob(model, prompt, answer, pack, alpha=10.0, threshold=0.5, backtrack=3, score_from=3)
+    _, manual = _plain_and_manual(model, prompt, answer, pack, {q: 7.0 for q in range(start, len(prompt + answer))},
+                                  score_from=3)
+    assert at == start + 3 and score == pytest.approx(manual, abs=1e-4)
+
+
 def test_pack_file_and_hooks_removed(model, tmp_path):
     from safetensors.torch import save_file
 

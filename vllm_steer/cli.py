@@ -18,16 +18,19 @@ FIT_FLAGS = {
     "data": "--data", "model": "--model", "out": "--out", "name": "--name", "num_heads": "-k/--num-heads",
     "val_fraction": "--val-fraction", "batch_size": "--batch-size", "residual_layers": "--residual-layers",
     "position": "--position", "direction": "--direction", "max_model_len": "--max-model-len", "dtype": "--dtype",
-    "tensor_parallel_size": "--tensor-parallel-size",
+    "tensor_parallel_size": "--tensor-parallel-size", "probe_c": "--probe-c",
 }
 L2S_FLAGS = {
     "data": "--data", "model": "--model", "out": "--out", "name": "--name", "read_layer": "--read-layer",
     "steer_layer": "--steer-layer", "target": "--target", "max_model_len": "--max-model-len", "dtype": "--dtype",
+    "chat_template": "--chat-template",
 }
 EVAL_FLAGS = {
     "model": "--model", "out": "--out", "benchmark": "--benchmark", "num_shards": "--shards", "folds": "--folds",
     "settings": "--setting", "ray_address": "--ray-address", "max_model_len": "--max-model-len", "dtype": "--dtype",
-    "num_heads": "--fit-k", "name": "--fit-folds",
+    "num_heads": "--fit-k", "name": "--fit-folds", "mc_format": "--mc-format", "mc_start_offset": "--mc-start-offset",
+    "mc_scored": "--mc-scored", "instruction": "--instruction-file", "primer": "--primer-file",
+    "answer_prefix": "--answer-prefix",
 }
 
 
@@ -131,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--position", choices=["last", "mean"], default="last",
                      help="activations at the last token of prompt+completion, or the completion's mean")
     fit.add_argument("--direction", choices=["mass_mean", "probe"], default="mass_mean")
+    fit.add_argument("--probe-c", type=positive_float, default=None, metavar="C",
+                     help="fit every probe at this sklearn C (the ITI/FASB reference code: 1.0) instead of "
+                          "picking C on the validation split from a grid (default)")
     fit.add_argument("--residual-layers", default="all", help="'all', 'none' or a comma list of layers")
     _engine_flags(fit)
     fit.add_argument("--batch-size", type=positive_int, default=128, help="items sent to the engine per call")
@@ -146,8 +152,23 @@ def _parser() -> argparse.ArgumentParser:
                          "short-answer JSONL (short_answer, e.g. from benchmarks/organism/export_items.py)")
     ev.add_argument("--max-tokens", type=positive_int, default=50,
                     help="truthfulqa_gen / short_answer: new tokens per answer")
-    ev.add_argument("--instruction-file", help="truthfulqa_gen: the instruction text (default: the project's)")
-    ev.add_argument("--primer-file", help="truthfulqa_gen: the few-shot QA primer (default: the project's)")
+    ev.add_argument("--instruction-file", help="truthfulqa_gen / truthfulqa_mc: the instruction text (default: "
+                                               "the project's for truthfulqa_gen, none for truthfulqa_mc)")
+    ev.add_argument("--primer-file", help="truthfulqa_gen / truthfulqa_mc: the few-shot QA primer (default: the "
+                                          "project's for truthfulqa_gen, none for truthfulqa_mc)")
+    ev.add_argument("--answer-prefix", choices=["prompt", "generated"], default=None,
+                    help="truthfulqa_gen: the prompt ends with 'Q: {q}\\nA:' ('prompt', default) or at the question "
+                         "('generated', as FASB's released code: the model writes '\\nA:', and those tokens count "
+                         "toward --max-tokens; the answer is the text after the first 'A:', cut at the next 'Q:')")
+    ev.add_argument("--mc-format", choices=["iti", "qa"], default=None,
+                    help="truthfulqa_mc: answer format, 'iti' = 'Q: {q} A: {a}' (default), 'qa' = TruthfulQA's "
+                         "'Q: {q}\\nA: {a}' as FASB's reference MC loop")
+    ev.add_argument("--mc-start-offset", type=non_negative_int, default=None, metavar="N",
+                    help="truthfulqa_mc: FASB checks and steers from len(prompt) + N (default 4, as the reference; "
+                         "with --mc-format qa also where ITI steering starts)")
+    ev.add_argument("--mc-scored", choices=["answer", "continuation"], default=None,
+                    help="truthfulqa_mc: score the answer's tokens only (default, as the reference: not the "
+                         "'\\nA:' marker of --mc-format qa) or every token after the prompt")
     ev.add_argument("--out", required=True, help="job folder (re-running with the same folder resumes)")
     ev.add_argument("--pack", action="append", default=[], help="a steer pack to load (repeatable)")
     ev.add_argument("--setting", action="append", default=[],
@@ -254,7 +275,7 @@ def _run_fit(args) -> int:
         _check_tensor_parallel(facts.shape, args.tensor_parallel_size)
         options = FitOptions(
             name=args.name or Path(args.out).stem, num_heads=args.num_heads, seed=args.seed,
-            val_fraction=args.val_fraction, position=args.position, direction=args.direction,
+            val_fraction=args.val_fraction, position=args.position, direction=args.direction, probe_c=args.probe_c,
             residual_layers=residual_layers, max_model_len=args.max_model_len, batch_size=args.batch_size,
             llm_kwargs={"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size},
         ).check(facts)
@@ -281,6 +302,9 @@ def _run_fit_l2s(argv: list[str]) -> int:
     parser.add_argument("--read-layer", type=non_negative_int, required=True, help="L': the predictor's input layer")
     parser.add_argument("--steer-layer", type=non_negative_int, required=True, help="L*: where the vector is added")
     parser.add_argument("--target", choices=["last", "average"], default="last")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="render each prompt through the model's chat template (one user message and the "
+                             "generation prompt), so the predictor reads the token a chat request ends with")
     parser.add_argument("--width", type=positive_int, default=100)
     parser.add_argument("--loss", choices=["reference", "mse"], default="reference")
     parser.add_argument("--lr", type=positive_float, default=1e-4)
@@ -306,10 +330,13 @@ def _run_fit_l2s(argv: list[str]) -> int:
                                       f"0 … {facts.shape.num_layers - 1})")
         options = L2SFitOptions(
             name=name, read_layer=args.read_layer, steer_layer=args.steer_layer, target=args.target,
+            chat_template=args.chat_template,
             max_model_len=job_max_model_len(facts, args.max_model_len), llm_kwargs={"dtype": args.dtype},
             train=L2STrainOptions(width=args.width, loss=args.loss, lr=args.lr, epochs=args.epochs, seed=args.seed),
         )
-        _model_tokenizer(args.model)
+        tokenizer = _model_tokenizer(args.model)
+        if args.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat-template", f"the tokenizer of {args.model} has no chat template")
         record = fit_l2s_pack(args.model, args.data, args.out, options)
     except (SteeringError, UserError) as exc:
         return _fail(prog, exc, L2S_FLAGS)
@@ -436,6 +463,16 @@ def _run_eval(args) -> int:
         specs = _settings(args)
         texts = {"instruction": _read_text_file("--instruction-file", args.instruction_file),
                  "primer": _read_text_file("--primer-file", args.primer_file)}
+        mc = {"mc_format": args.mc_format, "mc_start_offset": args.mc_start_offset, "mc_scored": args.mc_scored}
+        if args.benchmark != "truthfulqa_mc":
+            for key, value in mc.items():
+                if value is not None:
+                    raise UserError(EVAL_FLAGS[key], "applies to --benchmark truthfulqa_mc only")
+        mc = {k: v for k, v in mc.items() if v is not None}
+        if args.answer_prefix is not None:
+            if args.benchmark != "truthfulqa_gen":
+                raise UserError("--answer-prefix", "applies to --benchmark truthfulqa_gen only")
+            mc["answer_prefix"] = args.answer_prefix
         if args.actors > 0:
             check_ray_address(args.ray_address)
 
@@ -468,7 +505,7 @@ def _run_eval(args) -> int:
                       folds=args.folds, fold_seed=args.fold_seed,
                       settings=tuple(Setting(s) for s in specs), num_shards=args.shards, limit=args.limit,
                       engine={"dtype": args.dtype, "max_model_len": max_model_len},
-                      max_tokens=args.max_tokens, **texts)
+                      max_tokens=args.max_tokens, **texts, **mc)
         check_prompt_lengths(job, items, _model_tokenizer(args.model), max_model_len)
         if args.fit_folds:
             from vllm_steer.eval.folds import fit_fold_packs

@@ -24,6 +24,18 @@ def without_paths(value):
     return value
 
 
+# The engine reads an L2S pack's input at the last prompt token it is given: for a chat request
+# (LLM.chat, /v1/chat/completions) that is the end of the chat template's generation prompt, for a
+# completion the prompt's own last token. A pack is fitted on one of the two (``l2s.prompt_format``);
+# on the other kind of request it is still applied, on a token it was not fitted on.
+PROMPT_FORMAT_NOTES = {
+    "raw": "fitted on raw prompts (for chat requests it reads the end of the chat template, not what it "
+           "was fitted on)",
+    "chat": "fitted through the chat template (for chat requests; on plain completions it reads a token "
+            "it was not fitted on)",
+}
+
+
 @dataclass
 class PackRegistry:
     model: ModelShape
@@ -98,9 +110,9 @@ class PackRegistry:
             )
         if spec.method == "l2s":
             info = pack.manifest.l2s
-            if info.read_layer >= info.steer_layer and spec.prompt_positions != "none":
+            if info.read_layer > info.steer_layer and spec.prompt_positions != "none":
                 raise SpecError(
-                    f"pack {pack.name!r} reads L2S at layer {info.read_layer} and steers at layer "
+                    f"pack {pack.name!r} reads L2S at layer {info.read_layer}, after its steer layer "
                     f"{info.steer_layer}: its vector exists only after the prefill, so it cannot steer the last "
                     f"prompt token; ask for steering.prompt_positions 'none' (generated tokens only)",
                     field="steering.prompt_positions",
@@ -170,7 +182,8 @@ class PackRegistry:
             lines.append(
                 f"{name!r}: methods {self.methods_of(pack)}, head layers {sorted(set(pack.head_layers.tolist()))}, "
                 f"residual layers {sorted(set(pack.residual_layers.tolist()))}"
-                + (f", L2S reads layer {l2s.read_layer} and steers layer {l2s.steer_layer}" if l2s else "")
+                + (f", L2S reads layer {l2s.read_layer} and steers layer {l2s.steer_layer}; "
+                   + PROMPT_FORMAT_NOTES[l2s.prompt_format] if l2s else "")
             )
         return lines
 

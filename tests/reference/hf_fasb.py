@@ -261,6 +261,19 @@ def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10
     return trace
 
 
+def truthfulqa_answer(generated_text: str) -> str:
+    """The answer FASB's released TruthfulQA script keeps from a generation whose prompt ends at the
+    question (``"...\\n\\nQ: {question}"``; the model writes ``"\\nA:"`` itself), all ``max_new_token``
+    tokens decoded: strip, cut at the first "Q:", strip, then the piece after the first "A:" (up to a
+    second "A:"), stripped; the cut text itself when there is no "A:"."""
+    text = generated_text.strip().split("Q:")[0].strip()
+    try:
+        text = text.split("A:")[1].strip()
+    except IndexError:
+        pass
+    return text
+
+
 @torch.no_grad()
 def probe_scores_at(model, token_ids, pack) -> list[float]:
     """The unsteered score at every position of ``token_ids`` (one forward, no cache, no steering)."""
@@ -272,17 +285,24 @@ def probe_scores_at(model, token_ids, pack) -> list[float]:
 
 
 @torch.no_grad()
-def fasb_mc_logprob(model, prompt_ids, answer_ids, pack, *, alpha, threshold, backtrack, skip_first=4):
+def fasb_mc_logprob(model, prompt_ids, answer_ids, pack, *, alpha, threshold, backtrack, skip_first=4,
+                    score_from=0):
     """TruthfulQA-MC score of ``answer_ids`` after ``prompt_ids`` under FASB: ``(score, triggered_at)``.
 
-    1. One unsteered forward (no cache) over ``prompt + answer`` (length T); score p(pos) at every
-       position, as in :func:`probe_scores_at`.
-    2. start = len(prompt) + skip_first. Scan pos in [start + backtrack, T) in order; the first pos
-       with p(pos) < threshold triggers (``triggered_at`` = pos; None when nothing fires).
+    Written from the rule of FASB's released MC loop. A position is an index into ``prompt + answer``
+    (length T); the score p(pos) is read from the activations computed for token ``pos``.
+
+    1. One unsteered forward (no cache) over ``prompt + answer``; p(pos) at every position, as in
+       :func:`probe_scores_at`.
+    2. start = len(prompt) + skip_first. Walk pos = start, start + 1, ..., T - 1. The first
+       ``backtrack`` positions of the walk are passed over, except the sequence's last position
+       T - 1, which is always looked at; every other position is looked at. The first position
+       looked at with p(pos) < threshold triggers (``triggered_at`` = pos; None when nothing fires).
+       When T - 1 < start the walk is empty: nothing is looked at.
     3. On a trigger, a second forward (no cache) over the whole sequence adds
        alpha * (1 - p(pos)) * sigma_k * direction_k to every head at every position
        >= max(start, pos - backtrack).
-    4. score = sum over answer positions t in [len(prompt), T) of log_softmax(logits[t - 1])[token t],
+    4. score = sum over t in [len(prompt) + score_from, T) of log_softmax(logits[t - 1])[token t],
        from the last forward run (the steered one when it fired).
     """
     pack = load_pack(pack)
@@ -291,6 +311,8 @@ def fasb_mc_logprob(model, prompt_ids, answer_ids, pack, *, alpha, threshold, ba
     ids = prompt + [int(t) for t in answer_ids]
     if not prompt or len(ids) == len(prompt):
         raise ValueError("need a non-empty prompt and a non-empty answer")
+    if not 0 <= score_from < len(ids) - len(prompt):
+        raise ValueError("score_from must leave at least one answer token scored")
     T = len(ids)
     x = torch.tensor([ids], device=model.device)
     state = _new_state()
@@ -299,7 +321,11 @@ def fasb_mc_logprob(model, prompt_ids, answer_ids, pack, *, alpha, threshold, ba
     with _fasb_hooks(model, pack, state):
         logits = model(input_ids=x, use_cache=False).logits[0]
         scores = _mean_probs(state, K)
-        for pos in range(start + backtrack, T):
+        passed_over = 0
+        for pos in range(start, T):
+            if pos != T - 1 and passed_over < backtrack:
+                passed_over += 1
+                continue
             p = float(scores[pos])
             if p < threshold:
                 triggered_at = pos
@@ -309,6 +335,7 @@ def fasb_mc_logprob(model, prompt_ids, answer_ids, pack, *, alpha, threshold, ba
                 logits = model(input_ids=x, use_cache=False).logits[0]
                 break
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor(ids[len(prompt):], device=logits.device)
-    rows = torch.arange(len(prompt) - 1, T - 1, device=logits.device)
+    first = len(prompt) + score_from
+    targets = torch.tensor(ids[first:], device=logits.device)
+    rows = torch.arange(first - 1, T - 1, device=logits.device)
     return float(logprobs[rows, targets].sum()), triggered_at

@@ -8,8 +8,10 @@ Written from the method's description (design/methods.md, L2S section); shares n
   token, computed once in the prompt's forward. Mean-S: ``v = mean`` from the start.
 * ``alpha * v`` is added to the stream after ``steer_layer`` at every position >= ``start``:
   ``start = P - 1`` (the last prompt token, "last") or ``P`` (generated tokens only, "none"). When
-  ``read_layer >= steer_layer`` the vector does not exist yet when the prompt passes ``steer_layer``,
-  so L2S then steers generated tokens only.
+  ``read_layer > steer_layer`` the vector does not exist yet when the prompt passes ``steer_layer``,
+  so L2S then steers generated tokens only. With ``read_layer == steer_layer`` the read hook runs
+  first on that layer's output, so it reads the unsteered stream and the steer hook right after it
+  adds the vector in the same forward (the two-pass form's result in one pass).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import torch
 
 
 def l2s_generate(model, prompt_ids, pack, *, method, alpha, read_layer, steer_layer, max_new_tokens,
-                 prompt_positions="last"):
+                 prompt_positions="last", read_position=None):
+    """Greedy tokens and the number of predictor reads. ``read_position`` (default: the last prompt
+    token) moves the read elsewhere; only tests' negative controls use it."""
     P = len(prompt_ids)
+    read_at = P - 1 if read_position is None else read_position
     start = P - 1 if prompt_positions == "last" else P
-    if method == "l2s" and read_layer >= steer_layer:
+    if method == "l2s" and read_layer > steer_layer:
         start = P
     state = {"offset": 0, "vector": pack["l2s.mean"].float() if method == "mean_s" else None, "reads": 0}
     layers = model.model.layers
@@ -33,7 +38,7 @@ def l2s_generate(model, prompt_ids, pack, *, method, alpha, read_layer, steer_la
         if method != "l2s" or state["vector"] is not None:
             return None
         hidden = stream_of(output)
-        t = P - 1 - state["offset"]
+        t = read_at - state["offset"]
         if 0 <= t < hidden.shape[1]:
             x = hidden[0, t].float()
             state["vector"] = pack["l2s.w_out"].float() @ torch.tanh(pack["l2s.w_in"].float() @ x + pack["l2s.b_in"].float())

@@ -21,6 +21,13 @@ requests and outputs. Semantics (greedy parity with ``tests/reference/hf_fasb.py
   first ``G - r * (s - 1)`` tokens are safe (``G + 1 - s`` when one backtrack is left). A check can
   come at any G, whatever ``min_tokens`` says, because the step that finishes a request (EOS, stop
   token) is always checked.
+* Stop strings: vLLM (0.26 and 0.32) matches them in the front-end's detokenizer, on the tokens
+  released to it, and then aborts the request in the engine; the engine core only matches EOS, stop
+  token ids and lengths (``check_stop``). So a stop string completed by generated token q ends the
+  request once q is released (G >= q + r * (s - 1)): every check that could still drop a token
+  up to q has run by then, and the checks it skips (later ones, the forced one at ``max_tokens``)
+  keep at least q tokens. The text before the stop string is the one a run to ``max_tokens`` without
+  stop strings would have (``tests/test_fasb_truthfulqa_gen.py``).
 """
 
 from __future__ import annotations

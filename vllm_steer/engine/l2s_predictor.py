@@ -5,7 +5,13 @@ the flattened batch) and ``slots`` (its steering slot; 0 = unused entry). During
 decoder layer ``read_layer`` (L'), ``torch.ops.vllm_steer.l2s_predict`` writes
 ``g(x) = W_out tanh(W_in x + b_in)`` into the request's row of the residual table at ``steer_layer``
 (L*); the residual steering op at L* then adds ``alpha * row`` (alpha as the token scale). When
-L' < L* that happens in the same pass, so the last prompt token is already steered.
+L' <= L* that happens in the same pass, so the last prompt token is already steered. With L' = L*
+both run on the output of the same decoder layer: the predictor's hook is registered before the
+steering hook (``model_hooks.install_l2s_hooks``), so it reads the unsteered stream after L*, and
+the add that follows in the same hook chain already uses the new row (the reference's two-pass
+form: pass 1 unsteered gives h_{L'}, pass 2 adds at L*). Under chunked prefill the read happens in
+the chunk that holds the last prompt token, the first steered prompt position, so no earlier chunk
+would have needed the vector.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class L2SPredictor:
     @property
     def same_pass(self) -> bool:
         """Whether the vector exists before layer L* of the pass that computes it."""
-        return self.read_layer < self.steer_layer
+        return self.read_layer <= self.steer_layer
 
     def set_step(self, entries: list[tuple[int, int]]) -> None:
         """This step's (token row, slot) pairs; an empty list deactivates every entry."""

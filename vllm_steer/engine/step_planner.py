@@ -328,8 +328,10 @@ class StepPlanner:
         if steering.spec.method != "l2s":
             return steering, start, None
         last_prompt = num_prompt - 1
-        if not self.predictors[steering.pack.name].same_pass:
+        if not self.predictors[steering.pack.name].same_pass:  # L' > L* (the registry refuses prompt steering)
             start = max(start, last_prompt + 1)  # the vector arrives after layer L*: generated tokens only
+        # L' <= L*: the first steered position (at most the last prompt token) is in the step that reads,
+        # so under chunked prefill no earlier chunk carries the slot before its row is written
         reads_now = num_computed <= last_prompt < num_computed + num_scheduled
         if reads_now and req_id not in self._l2s_vectors:  # else resumed: its vector is in its slot
             return steering, start, last_prompt - num_computed

@@ -7,10 +7,10 @@ Layout of the output folder::
     shards/S-K.json          per-item results of setting S on shard K (written atomically)
     results.json             every per-item result, by setting
     summary.md, summary.json one row per setting: mean MC1/MC2/MC3 (truthfulqa_mc); BLEU-acc,
-                             ROUGE-acc, length, no-comment rate (truthfulqa_gen); truthful,
+                             ROUGE-1/2/L-acc, length, no-comment rate (truthfulqa_gen); truthful,
                              expected-false and well-formed rates, also per item group
                              (short_answer, e.g. the organism); and n
-    summary.png              MC2 (ROUGE-acc, truthful rate) vs alpha, one line per method
+    summary.png              MC2 (ROUGE-1-acc, truthful rate) vs alpha, one line per method
 
 A shard's items always go to the engine in one batch, so a shard gives the same numbers wherever it
 runs (in this process or on any actor).
@@ -30,7 +30,7 @@ from vllm_steer.errors import SteeringError
 # benchmark -> (per-item metrics averaged in the summary, the one plotted against alpha)
 BENCHMARKS = {
     "truthfulqa_mc": (("mc1", "mc2", "mc3"), "mc2"),
-    "truthfulqa_gen": (("bleu_acc", "rouge_acc", "length", "no_comment"), "rouge_acc"),
+    "truthfulqa_gen": (("bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_acc", "length", "no_comment"), "rouge1_acc"),
     "short_answer": (("truthful", "expected_false", "well_formed"), "truthful"),
 }
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -66,12 +66,23 @@ class EvalJob:
     limit: int | None = None  # the first N items only
     engine: dict = field(default_factory=dict)  # extra LLM(...) arguments
     max_tokens: int = 50  # truthfulqa_gen / short_answer: new tokens per answer
-    instruction: str | None = None  # truthfulqa_gen: None = the project's default instruction
-    primer: str | None = None  # truthfulqa_gen: None = the project's default few-shot primer
+    instruction: str | None = None  # None: truthfulqa_gen the project's default instruction, truthfulqa_mc none
+    primer: str | None = None  # None: truthfulqa_gen the project's default few-shot primer, truthfulqa_mc none
     folds: int = 1  # > 1: question q is scored with pack "{spec pack}.fold{fold_of(q)}" (eval.folds)
     fold_seed: int = 0
+    mc_format: str = "iti"  # truthfulqa_mc: eval.mc_protocol (answer format, start offset, scored tokens)
+    mc_start_offset: int = 4
+    mc_scored: str = "answer"
+    # truthfulqa_gen: the prompt ends with "\nA:" ("prompt") or at the question, the model writing
+    # "\nA:" itself ("generated", as FASB's released code does; eval.truthfulqa_gen)
+    answer_prefix: str = "prompt"
 
     def __post_init__(self):
+        self.mc_protocol()  # raises SteeringError naming the mc_* field
+        for name in ("mc_format", "mc_start_offset", "mc_scored"):
+            if self.benchmark != "truthfulqa_mc" and getattr(self, name) != EvalJob.__dataclass_fields__[name].default:
+                raise SteeringError(f"{name} applies to the truthfulqa_mc benchmark only, not {self.benchmark}",
+                                    field=name)
         if self.benchmark not in BENCHMARKS:
             raise SteeringError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {self.benchmark!r}",
                                 field="benchmark")
@@ -81,6 +92,12 @@ class EvalJob:
             raise SteeringError("a job needs at least one setting", field="settings")
         if self.folds < 1:
             raise SteeringError("folds must be >= 1", field="folds")
+        if self.answer_prefix not in ("prompt", "generated"):
+            raise SteeringError(f"answer_prefix must be 'prompt' or 'generated', got {self.answer_prefix!r}",
+                                field="answer_prefix")
+        if self.answer_prefix != "prompt" and self.benchmark != "truthfulqa_gen":
+            raise SteeringError(f"answer_prefix applies to the truthfulqa_gen benchmark only, not {self.benchmark}",
+                                field="answer_prefix")
 
     def to_json(self) -> dict:
         """Plain JSON data (lists, not tuples), as stored in job.json."""
@@ -92,6 +109,13 @@ class EvalJob:
         raw["settings"] = tuple(Setting(s) for s in raw["settings"])
         raw["packs"] = tuple(raw["packs"])
         return cls(**raw)
+
+    def mc_protocol(self):
+        """How truthfulqa_mc items become tokens (``eval.mc_protocol.McProtocol``)."""
+        from vllm_steer.eval.mc_protocol import McProtocol
+
+        return McProtocol(answer_format=self.mc_format, instruction=self.instruction, primer=self.primer,
+                          start_offset=self.mc_start_offset, scored=self.mc_scored)
 
     @property
     def needs_capture(self) -> bool:
@@ -116,24 +140,20 @@ def load_items(benchmark: str, data: str | Path, limit: int | None = None) -> li
 def check_prompt_lengths(job: EvalJob, items: Sequence, tokenizer, max_model_len: int) -> None:
     """Raise SteeringError(field="max_model_len") when an item sends the engine more tokens than
     ``max_model_len`` (a prompt, or for MC a prompt and its longest answer), before any engine starts."""
-    from vllm_steer.fit.datasets import qa_prompt
-
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=True)["input_ids"])
 
     for i, item in enumerate(items):
         if job.benchmark == "truthfulqa_mc":
-            from vllm_steer.eval.truthfulqa_mc import _answer_tokens
-
-            prompt = qa_prompt(item.question)
+            protocol = job.mc_protocol()
             n = max(len(a.prompt_ids) + len(a.answer_ids)
-                    for a in (_answer_tokens(tokenizer, prompt, answer) for answer, _ in item.mc1 + item.mc2))
+                    for a in (protocol.tokens(tokenizer, item.question, answer) for answer, _ in item.mc1 + item.mc2))
         elif job.benchmark == "truthfulqa_gen":
             from vllm_steer.eval.truthfulqa_gen import DEFAULT_INSTRUCTION, DEFAULT_PRIMER, generation_prompt
 
             n = count(generation_prompt(item.question,
                                         DEFAULT_INSTRUCTION if job.instruction is None else job.instruction,
-                                        DEFAULT_PRIMER if job.primer is None else job.primer))
+                                        DEFAULT_PRIMER if job.primer is None else job.primer, job.answer_prefix))
         else:
             n = count(item.prompt)
         if n > max_model_len:
@@ -227,12 +247,14 @@ class ShardRunner:
             return evaluate_generation(
                 self.llm, questions, spec, max_tokens=self.job.max_tokens,
                 instruction=DEFAULT_INSTRUCTION if self.job.instruction is None else self.job.instruction,
-                primer=DEFAULT_PRIMER if self.job.primer is None else self.job.primer)
+                primer=DEFAULT_PRIMER if self.job.primer is None else self.job.primer,
+                answer_prefix=self.job.answer_prefix)
         from vllm_steer.eval.truthfulqa_mc import evaluate_mc
 
         pack = self.packs.get(spec["pack"]) if spec else None
         return [{"question": r.question, "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3, "scores": r.scores}
-                for r in evaluate_mc(self.llm, self.tokenizer, questions, spec, pack=pack)]
+                for r in evaluate_mc(self.llm, self.tokenizer, questions, spec, pack=pack,
+                                     protocol=self.job.mc_protocol())]
 
 @dataclass
 class JobReport:
@@ -252,10 +274,20 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _same_job(stored: dict, job: EvalJob) -> bool:
+    """``stored`` (a job.json) defines ``job``; a job.json written before a field existed holds its default."""
+    if stored == job.to_json():
+        return True
+    try:
+        return EvalJob.from_json(stored).to_json() == job.to_json()
+    except (TypeError, KeyError, SteeringError):
+        return False
+
+
 def _check_folder(job: EvalJob, out: Path) -> None:
     """Raise SteeringError(field="out") when ``out`` holds another job."""
     definition = out / "job.json"
-    if definition.exists() and json.loads(definition.read_text()) != job.to_json():
+    if definition.exists() and not _same_job(json.loads(definition.read_text()), job):
         raise SteeringError(f"{out} holds another job (job.json differs); use a new folder", field="out")
 
 

@@ -1,15 +1,19 @@
 """TruthfulQA multiple choice through the engine: every answer's score under one setting's steering
 semantics, then MC1/MC2/MC3 per question.
 
-A question's prompt is ITI's ``"Q: {question} A:"`` (``fit.datasets.qa_prompt``); an answer is
-``" {answer}"``; its score is the summed log-prob of the answer's tokens after the prompt, read from
-one prompt-logprobs pass over prompt + answer. Settings:
+How an item becomes tokens is an ``eval.mc_protocol.McProtocol``: by default ITI's prompt
+``"Q: {question} A:"`` and the answer ``" {answer}"``; the protocol of FASB's released MC loop
+(instruction, primer, ``"Q: {question}\nA: {answer}"``, start offset 4, answer tokens scored) by
+options. An answer's score is the summed log-prob of its scored tokens, read from one
+prompt-logprobs pass over prompt + answer. Settings:
 
 * ``None``: unsteered;
-* ``{"pack", "method": "iti" | "residual", "alpha", ...}``: steered from the last prompt token on
-  (``steer_from``), so every answer token's log-prob is computed under steering, as ITI scores MC;
+* ``{"pack", "method": "iti" | "residual", "alpha", ...}``: steered from ``protocol.steer_from``
+  (the last prompt token by default) on, so every answer token's log-prob is computed under
+  steering, as ITI scores MC;
 * ``{"pack", "method": "fasb", "alpha", "threshold", "backtrack"}``: FASB's two-pass scoring
-  (``eval.fasb_mc``); needs a capture engine that loads the pack.
+  (``eval.fasb_mc``) with ``skip_first = protocol.start_offset``; needs a capture engine that loads
+  the pack.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any, Sequence
 
 from vllm_steer.eval.fasb_mc import McAnswer, fasb_answer_logprobs
 from vllm_steer.eval.mc_metrics import mc1, mc2, mc3
-from vllm_steer.fit.datasets import DatasetError, qa_prompt
+from vllm_steer.eval.mc_protocol import McProtocol
+from vllm_steer.fit.datasets import DatasetError
 
 
 @dataclass(frozen=True)
@@ -76,49 +81,44 @@ def load_mc_questions(path: str | Path) -> list[McQuestion]:
     return questions
 
 
-def _answer_tokens(tokenizer, prompt: str, answer: str) -> McAnswer:
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    full = tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"]
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return McAnswer(tuple(prompt_ids), tuple(full[len(prompt_ids):]))
-    return McAnswer(tuple(prompt_ids), tuple(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]))
-
-
-def answer_scores(llm, answers: Sequence[McAnswer], setting: dict | None, pack=None) -> list[float]:
-    """Summed log-prob of each answer after its prompt under ``setting`` (see the module doc)."""
+def answer_scores(llm, answers: Sequence[McAnswer], setting: dict | None, pack=None,
+                  protocol: McProtocol = McProtocol()) -> list[float]:
+    """Summed log-prob of each answer's scored tokens after its prompt under ``setting`` (module doc)."""
     from vllm import SamplingParams
 
     if setting is not None and setting.get("method") == "fasb":
         if pack is None:
             raise ValueError("FASB scoring needs the pack object (and a capture engine that loads it)")
         knobs = {k: setting[k] for k in ("threshold", "backtrack") if k in setting}
-        return [s.logprob for s in fasb_answer_logprobs(llm, pack, answers, alpha=setting["alpha"], **knobs)]
+        return [s.logprob for s in fasb_answer_logprobs(llm, pack, answers, alpha=setting["alpha"],
+                                                        skip_first=protocol.start_offset, **knobs)]
     params = []
     for a in answers:
         extra = None
         if setting is not None:
-            extra = {"steering": {**setting, "steer_from": len(a.prompt_ids) - 1}}
+            extra = {"steering": {**setting, "steer_from": protocol.steer_from(len(a.prompt_ids))}}
         params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, extra_args=extra))
     outputs = llm.generate([{"prompt_token_ids": list(a.prompt_ids) + list(a.answer_ids)} for a in answers],
                            params, use_tqdm=False)
     scores = []
     for a, out in zip(answers, outputs):
         ids = list(a.prompt_ids) + list(a.answer_ids)
-        scores.append(float(sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(len(a.prompt_ids), len(ids)))))
+        first = len(a.prompt_ids) + a.score_from
+        scores.append(float(sum(out.prompt_logprobs[t][ids[t]].logprob for t in range(first, len(ids)))))
     return scores
 
 
-def evaluate_mc(llm, tokenizer, questions: Sequence[McQuestion], setting: dict | None, pack=None) -> list[McResult]:
+def evaluate_mc(llm, tokenizer, questions: Sequence[McQuestion], setting: dict | None, pack=None,
+                protocol: McProtocol = McProtocol()) -> list[McResult]:
     """MC1/MC2/MC3 of every question under ``setting``; each distinct answer is scored once."""
     index: dict[tuple[int, str], int] = {}
     tokens: list[McAnswer] = []
     for q_i, q in enumerate(questions):
-        prompt = qa_prompt(q.question)
         for answer, _ in q.mc1 + q.mc2:
             if (q_i, answer) not in index:
                 index[(q_i, answer)] = len(tokens)
-                tokens.append(_answer_tokens(tokenizer, prompt, answer))
-    scores = answer_scores(llm, tokens, setting, pack)
+                tokens.append(protocol.tokens(tokenizer, q.question, answer))
+    scores = answer_scores(llm, tokens, setting, pack, protocol)
     results = []
     for q_i, q in enumerate(questions):
         s = {answer: scores[index[(q_i, answer)]] for answer, _ in q.mc1 + q.mc2}

@@ -1,6 +1,7 @@
 """Train an L2S predictor (learn to steer, methods.md) from inputs and targets already captured.
 
-* inputs  ``x`` [N, d]: the residual stream after layer L' at the last token of each raw prompt;
+* inputs  ``x`` [N, d]: the residual stream after layer L' at the last token of each raw prompt (or of
+  its chat-template rendering, ``l2s_pipeline.L2SFitOptions.chat_template``);
 * targets ``z`` [N, d]: ``h+ - h-``, the stream after layer L* for the prompt completed with the
   desired vs the undesired continuation (at the last token, or averaged over the continuation).
 

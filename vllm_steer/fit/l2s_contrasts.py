@@ -11,7 +11,9 @@ Two forms of data give them:
   something appended. The target is read at the last token of X+ and X-. Either may be a list of
   rewritings; the target then averages over each list.
 
-In both forms the predictor reads the raw prompt X at its last token.
+In both forms the predictor reads the raw prompt X at its last token (with the fit's
+``chat_template`` option: X, X+ and X- rendered as a one-user-message chat with the generation
+prompt, the completions appended after X's rendering; ``fit.l2s_pipeline``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def load_l2s_contrasts(path: str | Path) -> list[L2SContrast]:
     examples = load_dataset(p)
     grouped: dict[tuple[str, str], dict[int, list[str]]] = {}
     for ex in examples:
+        # the texts must start with the prompt: the chat-template fit cuts the prompt off and renders it
         grouped.setdefault((ex.group, ex.prompt), {0: [], 1: []})[ex.label].append(ex.prompt + ex.completion)
     return [L2SContrast(prompt, tuple(sides[1]), tuple(sides[0]), True)
             for (_, prompt), sides in grouped.items() if sides[0] and sides[1]]

@@ -4,12 +4,15 @@ top-K heads -> directions and sigma -> residual vectors -> one steer pack (+ an 
 Follows ITI's reference recipe (methods.md): activations at the last token of prompt+completion
 (or the mean over the completion's tokens), one logistic probe per (layer, head), train/val split by
 question, heads ranked by validation accuracy, mass-mean directions (or probe weights), sigma = std
-of the projection of "tuning" activations on each direction.
+of the projection of "tuning" activations on each direction. The probes' regularisation: by default C
+is picked on the validation split from ``probes.DEFAULT_C_GRID``; ``probe_c`` fixes it (the ITI and
+FASB reference code fit sklearn's default, C = 1). The manifest records which (``probe_C_selection``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +31,7 @@ from vllm_steer.fit.directions import (
     residual_mean_difference,
 )
 from vllm_steer.fit.heatmap import save_accuracy_heatmap
-from vllm_steer.fit.probes import train_head_probes
+from vllm_steer.fit.probes import DEFAULT_C_GRID, train_head_probes
 from vllm_steer.pack import PackManifest, build_pack, save_pack
 from vllm_steer.integration.job_engine import CheckpointFacts, checkpoint_facts, job_max_model_len
 
@@ -45,6 +48,7 @@ class FitOptions:
     val_fraction: float = 0.2
     position: Position = "last"
     direction: Literal["mass_mean", "probe"] = "mass_mean"
+    probe_c: float | None = None  # None: C picked on the validation split from DEFAULT_C_GRID; else this C
     residual_layers: Sequence[int] | Literal["all", "none"] = "all"
     max_model_len: int | None = None  # None: the model's own limit, at most 1024 (job_engine.job_max_model_len)
     batch_size: int = 128
@@ -67,6 +71,9 @@ class FitOptions:
             raise SteeringError(f"batch_size must be an integer >= 1, got {self.batch_size!r}", field="batch_size")
         if self.position not in ("last", "mean"):
             raise SteeringError(f"position must be 'last' or 'mean', got {self.position!r}", field="position")
+        c = self.probe_c
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
+            raise SteeringError(f"probe_c must be a finite number > 0 (sklearn's C), got {c!r}", field="probe_c")
         if self.direction not in ("mass_mean", "probe"):
             raise SteeringError(f"direction must be 'mass_mean' or 'probe', got {self.direction!r}", field="direction")
         if self.residual_layers not in ("all", "none"):
@@ -168,8 +175,10 @@ def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: Fi
             del llm
 
     features = {"last": captured.heads_at[:, 0], "mean": captured.heads_mean}
+    grid = DEFAULT_C_GRID if options.probe_c is None else (float(options.probe_c),)
     probes_by_position = {
-        pos: train_head_probes(feats, labels, train_idx, val_idx, seed=options.seed, progress=options.progress)
+        pos: train_head_probes(feats, labels, train_idx, val_idx, l2_grid=grid, seed=options.seed,
+                               progress=options.progress)
         for pos, feats in features.items()
     }
     probes = probes_by_position[options.position]
@@ -221,6 +230,8 @@ def fit_steer_pack(model: str, dataset: str | Path, out: str | Path, options: Fi
             "position": options.position,
             "direction": options.direction,
             "probe_C": sorted(set(probes.c.flatten().tolist())),  # sklearn's C: penalty ||w||^2 / (2C)
+            "probe_C_selection": "validation" if options.probe_c is None else "fixed",
+            "probe_C_grid": list(grid),
             "selected_val_accuracy": selected_acc,
             "best_val_accuracy_by_position": best,
         },

@@ -76,7 +76,9 @@ def _l2s_predict_after_layer(module: nn.Module, args: tuple, output):
 
 def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], num_layers: int) -> list:
     """The L2S predictors after their read layers. Install before ``install_hooks`` so a predictor
-    reads the stream before any residual steering added at the same layer."""
+    reads the stream before any residual steering added at the same layer (forward hooks run in the
+    order they were registered): with L' = L* the predictor reads the unsteered stream after L*,
+    writes its row, and the steering hook right after it adds that row in the same pass."""
     layers = checked_decoder_layers(model, num_layers)
     handles = []
     by_layer: dict[int, list[L2SPredictor]] = {}

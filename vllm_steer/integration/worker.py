@@ -73,7 +73,7 @@ def _attach(runner) -> None:
     for predictor in predictors.values():
         if not predictor.same_pass:
             logger.info(
-                "vllm-steer: pack %s reads L2S at layer %d and steers at layer %d: the vector exists only "
+                "vllm-steer: pack %s reads L2S at layer %d, after its steer layer %d: the vector exists only "
                 "after the prefill, so it steers generated tokens only",
                 predictor.pack_name, predictor.read_layer, predictor.steer_layer,
             )

@@ -21,13 +21,21 @@ class L2SInfo(BaseModel):
 
     The predictor ``g(x) = W_out tanh(W_in x + b_in)`` reads the residual stream after decoder layer
     ``read_layer`` (L') at the last prompt token; ``alpha * g(x)`` is added to the residual stream
-    after decoder layer ``steer_layer`` (L*). Mean-S adds ``alpha * mean`` there instead."""
+    after decoder layer ``steer_layer`` (L*). Mean-S adds ``alpha * mean`` there instead.
+
+    ``prompt_format`` says what the predictor was fitted on: ``raw`` prompts (the reference's
+    choice) or ``chat`` = each prompt rendered as one user message through the model's chat template
+    with the generation prompt, so the read token is the end of the generation prompt, as in a chat
+    request (``LLM.chat``, ``/v1/chat/completions``). Packs written before the field read as ``raw``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     read_layer: int = Field(ge=0)
     steer_layer: int = Field(ge=0)
     width: int = Field(gt=0, description="K, the predictor's hidden width")
+    prompt_format: Literal["raw", "chat"] = Field(
+        default="raw", description="the prompts the predictor was fitted on: raw text or chat-template rendered"
+    )
 
 
 class ModelShape(BaseModel):
