@@ -250,6 +250,16 @@ def _engine_stats(llm) -> dict:
     return llm.llm_engine.engine_core.call_utility(ENGINE_STATS_UTILITY)
 
 
+def test_the_start_up_check_ran_in_the_spawned_engine_core(case):
+    """The check that every worker steers (engine_stats.check_workers_steer) runs in the EngineCore
+    process vLLM spawns, where the plugin is loaded inside ``EngineCore.__init__``: an ``__init__``
+    wrapper would never run there, so a runner without the hooks would serve requests unsteered."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    assert not isinstance(case.llm.llm_engine.engine_core, InprocClient)  # a separate EngineCore process
+    assert _engine_stats(case.llm)["workers_checked"] == 1
+
+
 def _counter(llm, name) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 

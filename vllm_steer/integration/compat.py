@@ -93,6 +93,7 @@ REQUIRED: tuple[Needed, ...] = (
     Needed("vllm.v1.engine", "EngineCoreOutput"),
     Needed("vllm.v1.engine", "EngineCoreOutputs"),
     Needed("vllm.v1.engine.core", "EngineCore"),
+    Needed("vllm.v1.engine.core", "EngineCore._initialize_kv_caches", ("self", "vllm_config")),
     # in-place FASB backtracks (kv_rollback.py, scheduler.py)
     Needed("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager._apply_cow",
            ("self", "request_id", "block_idx", "source_block", "cow_block")),

@@ -4,7 +4,15 @@ that every worker of a steering engine really steers.
 ``ENGINE_STATS_UTILITY`` is an EngineCore method that front-ends call as a vLLM utility
 (``await engine_client.engine_core.call_utility_async(ENGINE_STATS_UTILITY)`` in the API server,
 ``llm.llm_engine.engine_core.call_utility(...)`` offline). It joins the scheduler's counters with
-rank 0's worker counters. The result is an empty dict for an engine without steering.
+rank 0's worker counters, and ``workers_checked``: how many worker ranks the start-up check
+(``check_workers_steer``) confirmed in this engine. The result is an empty dict for an engine
+without steering.
+
+The check runs right after ``EngineCore._initialize_kv_caches``, not after ``EngineCore.__init__``:
+in an EngineCore process that vLLM spawns (the default, offline and served), the plugin is loaded
+inside ``EngineCore.__init__`` itself, so a wrapper of ``__init__`` installed then never runs for the
+engine being built; ``_initialize_kv_caches`` is looked up on the instance later in the same
+``__init__``, after the workers have loaded the model, so its wrapper runs in every process.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from vllm_steer.integration.scheduler import scheduler_stats
 from vllm_steer.integration.worker import STATS_RPC
 
 ENGINE_STATS_UTILITY = "vllm_steer_engine_stats"
+WORKERS_CHECKED_ATTR = "_vllm_steer_workers_checked"
 
 
 def engine_stats(engine_core) -> dict:
@@ -25,6 +34,7 @@ def engine_stats(engine_core) -> dict:
     rank0 = ranks[0] if ranks else {}
     for key in ("slots_in_use", "slots_total", "l2s_predictions"):
         stats[key] = rank0.get(key, 0)
+    stats["workers_checked"] = getattr(engine_core, WORKERS_CHECKED_ATTR, 0)
     return stats
 
 
@@ -48,15 +58,17 @@ def check_workers_steer(engine_core) -> None:
                 f"vllm-steer: worker rank {rank} hooked layers {stats.get('hooked_layers')}, "
                 f"the packs need {config.hooked_layers}"
             )
+    setattr(engine_core, WORKERS_CHECKED_ATTR, len(ranks))
 
 
-def _init(original, self, *args, **kwargs):
-    original(self, *args, **kwargs)
+def _after_kv_caches(original, self, *args, **kwargs):
+    kv_cache_config = original(self, *args, **kwargs)
     check_workers_steer(self)
+    return kv_cache_config
 
 
 def install() -> None:
     from vllm.v1.engine.core import EngineCore
 
     setattr(EngineCore, ENGINE_STATS_UTILITY, engine_stats)
-    patch(EngineCore, "__init__")(_init)
+    patch(EngineCore, "_initialize_kv_caches")(_after_kv_caches)
