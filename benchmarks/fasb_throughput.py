@@ -61,7 +61,7 @@ rollbacks keep it and copy nothing; e.g. ``--max-tokens 48 --min-tokens 40 --bac
 Rounds are interleaved, and each round starts one row later than the previous one, so drifts of
 the shared machine hit every row alike; medians over rounds are reported.
 
-Default run (5 rounds x 22 runs, 4 engines): about 10 minutes on an idle 2-core CPU.
+Default run (5 rounds x 22 runs, 4 engines): about 13 minutes on an idle 2-core CPU.
 
     python benchmarks/fasb_throughput.py --json /tmp/fasb_tp.json
 """
