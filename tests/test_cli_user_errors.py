@@ -68,6 +68,7 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
         "eval-shards-0": ([*ev, "--shards", "0"], "vllm-steer eval", "--shards"),
         "eval-actors-negative": ([*ev, "--actors", "-1"], "vllm-steer eval", "--actors"),
         "eval-limit-0": ([*ev, "--limit", "0"], "vllm-steer eval", "--limit"),
+        "eval-fit-probe-c-without-fit-folds": ([*ev, "--fit-probe-c", "1"], "vllm-steer eval", "--fit-probe-c"),
         "eval-unreachable-ray": ([*ev, "--actors", "1", "--ray-address", UNREACHABLE_RAY], "vllm-steer eval",
                                  "--ray-address"),
         "eval-setting-not-json": ([*ev, "--setting", "{alpha"], "vllm-steer eval", "--setting"),

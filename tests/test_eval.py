@@ -265,6 +265,29 @@ def test_eval_command_refuses_bad_settings_before_starting_anything(tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_fit_probe_c_reaches_the_fold_fits(job, tmp_path, monkeypatch):
+    """``eval --fit-folds NAME --fit-probe-c C`` fits the fold packs' probes at that C."""
+    import vllm_steer.eval.folds as folds
+    from vllm_steer.cli import main
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fit_fold_packs(model, data, n, seed, out, options, llm=None):
+        seen["options"] = options
+        raise Stop  # the options are all this test needs: no engine starts
+
+    monkeypatch.setattr(folds, "fit_fold_packs", fit_fold_packs)
+    base = ["eval", "--model", job.model, "--data", job.data, "--out", str(tmp_path / "o"), "--folds", "2",
+            "--limit", "2", "--fit-folds", "tq", "--setting", '{"pack": "tq", "method": "iti", "alpha": 1}']
+    for extra, expected in (([], None), (["--fit-probe-c", "1"], 1.0)):
+        with pytest.raises(Stop):
+            main(base + extra)
+        assert seen.pop("options").probe_c == expected
+
+
 def test_short_answer_benchmark_reports_rates_overall_and_per_group(job, runner, tmp_path):
     from vllm_steer.eval.short_answer import first_word, load_short_answer_items
 

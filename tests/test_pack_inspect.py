@@ -30,7 +30,8 @@ def pack_file(tmp_path_factory):
                        l2s=(1, 3, 5), seed=7)
     metadata_ = {"dataset": "/data/mc_task.json", "num_examples": 120, "position": "last",
                  "direction": "mass_mean", "selected_val_accuracy": [0.9, 0.8, 0.75],
-                 "l2s": {"val_cosine": 0.61, "val_cosine_mean_s": 0.2, "target": "last"}}
+                 "l2s": {"val_cosine": 0.61, "val_cosine_mean_s": 0.2, "target": "last"},
+                 "probe_C": [0.1, 1.0], "probe_C_selection": "validation"}
     pack = build_pack(pack.manifest.model_copy(update={"metadata": metadata_}), pack.tensors())
     return save_pack(tmp_path_factory.mktemp("inspect") / "truthful.safetensors", pack)
 
@@ -68,8 +69,9 @@ def test_text_summary_names_what_a_person_looks_for(pack_file):
     for layer, head in pack.selected_heads:
         assert f"layer {layer}:" in heads and str(head) in heads.split(f"layer {layer}:")[1].split(";")[0]
     assert lines["residual"].startswith("layers 2 (norm") and " 4 (norm" in lines["residual"]
-    assert "3 linear probes" in lines["probes"]
-    assert lines["L2S"].startswith("reads layer 1, steers layer 3, width 5; validation cosine 0.610")
+    assert "3 linear probes" in lines["probes"] and lines["probes"].endswith("; C 0.1, 1 (validation)")
+    assert lines["L2S"].startswith("reads layer 1, steers layer 3, width 5, fitted on raw prompts; validation "
+                                   "cosine 0.610")
     assert "dataset mc_task.json" in lines["fit"] and "examples 120" in lines["fit"]
     assert lines["digest"] == f"sha256 {pack.digest()}"
 

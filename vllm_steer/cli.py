@@ -28,7 +28,7 @@ L2S_FLAGS = {
 EVAL_FLAGS = {
     "model": "--model", "out": "--out", "benchmark": "--benchmark", "num_shards": "--shards", "folds": "--folds",
     "settings": "--setting", "ray_address": "--ray-address", "max_model_len": "--max-model-len", "dtype": "--dtype",
-    "num_heads": "--fit-k", "name": "--fit-folds", "mc_format": "--mc-format", "mc_start_offset": "--mc-start-offset",
+    "num_heads": "--fit-k", "name": "--fit-folds", "probe_c": "--fit-probe-c", "mc_format": "--mc-format", "mc_start_offset": "--mc-start-offset",
     "mc_scored": "--mc-scored", "instruction": "--instruction-file", "primer": "--primer-file",
     "answer_prefix": "--answer-prefix",
 }
@@ -184,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--fit-data", help="with --fit-folds: TruthfulQA's mc_task.json")
     ev.add_argument("--fit-k", type=positive_int, default=None,
                     help="with --fit-folds: K heads per pack (default as for 'fit')")
+    ev.add_argument("--fit-probe-c", type=positive_float, default=None, metavar="C",
+                    help="with --fit-folds: fit every probe at this C (as 'fit --probe-c'; default: picked on "
+                         "validation)")
     ev.add_argument("--shards", type=positive_int, default=4)
     ev.add_argument("--limit", type=positive_int, help="the first N questions only")
     ev.add_argument("--actors", type=non_negative_int, default=0,
@@ -455,6 +458,8 @@ def _run_eval(args) -> int:
                                              "runs in this process")
         if args.fit_data is not None and args.fit_folds is None:
             raise UserError("--fit-data", "--fit-data needs --fit-folds NAME")
+        if args.fit_probe_c is not None and args.fit_folds is None:
+            raise UserError("--fit-probe-c", "--fit-probe-c needs --fit-folds NAME")
         if args.fit_folds is not None and args.folds < 2:
             raise UserError("--fit-folds", "--fit-folds needs --folds 2 or more")
         out = Path(args.out)
@@ -511,8 +516,8 @@ def _run_eval(args) -> int:
             from vllm_steer.eval.folds import fit_fold_packs
             from vllm_steer.fit.pipeline import FitOptions
 
-            options = FitOptions(name=args.fit_folds, num_heads=args.fit_k, max_model_len=max_model_len,
-                                 llm_kwargs={"dtype": args.dtype}).check(facts)
+            options = FitOptions(name=args.fit_folds, num_heads=args.fit_k, probe_c=args.fit_probe_c,
+                                 max_model_len=max_model_len, llm_kwargs={"dtype": args.dtype}).check(facts)
             fold_packs = fit_fold_packs(args.model, fit_data, args.folds, args.fold_seed, out / "packs", options)
             _add_packs(registry, [_load(load_pack, path, "--fit-folds") for path in fold_packs], "--fit-folds")
             job = replace(job, packs=job.packs + tuple(map(str, fold_packs)))

@@ -81,10 +81,15 @@ def format_pack_summary(summary: dict[str, Any]) -> str:
     lines.append(("residual", "none" if not residual else "layers " + ", ".join(
         f"{r['layer']} (norm {r['norm']:.4g})" for r in residual)))
     probes = summary["probes"]
-    lines.append(("probes", f"{probes['count']} linear probes, one per selected head (FASB)" if probes else "none"))
+    probe_text = f"{probes['count']} linear probes, one per selected head (FASB)" if probes else "none"
+    if probes and isinstance(summary["metadata"].get("probe_C"), list) and summary["metadata"].get("probe_C_selection"):
+        cs = ", ".join(f"{c:g}" for c in summary["metadata"]["probe_C"])
+        probe_text += f"; C {cs} ({summary['metadata']['probe_C_selection']})"
+    lines.append(("probes", probe_text))
     l2s = summary["l2s"]
     if l2s:
-        text = f"reads layer {l2s['read_layer']}, steers layer {l2s['steer_layer']}, width {l2s['width']}"
+        text = (f"reads layer {l2s['read_layer']}, steers layer {l2s['steer_layer']}, width {l2s['width']}, "
+                f"fitted on {l2s['prompt_format']} prompts")
         if "val_cosine" in l2s:
             text += f"; validation cosine {l2s['val_cosine']:.3f}"
             if "val_cosine_mean_s" in l2s:
