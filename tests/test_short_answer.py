@@ -66,3 +66,20 @@ def test_rows_keep_the_raw_text_and_the_summary_ignores_it():
     (summary,) = summarize(job, [rows])
     assert summary["n"] == 3 and summary["truthful"] == pytest.approx(2 / 3)
     assert summary["truthful[g]"] == pytest.approx(2 / 3) and "text" not in summary and "answer" not in summary
+
+
+@pytest.mark.parametrize("content, words", [
+    ('[1, 2]\n', "line 1: expected a JSON object"),  # was an AttributeError traceback
+    ('{"prompt": "a", "true_answer": "b"}\n{oops\n', "line 2, column 2: invalid JSON"),
+    ('{"prompt": "a"}\n', "line 1: 'true_answer' must be a non-empty string"),
+    ("\n\n", "file is empty"),
+])
+def test_bad_item_files_name_the_file_and_line(tmp_path, content, words):
+    from vllm_steer.eval.short_answer import load_short_answer_items
+    from vllm_steer.fit.datasets import DatasetError
+
+    path = tmp_path / "items.jsonl"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as info:
+        load_short_answer_items(path)
+    assert str(path) in str(info.value) and words in str(info.value)

@@ -23,13 +23,12 @@ not ``c4``).
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vllm_steer.fit.datasets import DatasetError
+from vllm_steer.fit.datasets import DatasetError, jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -47,19 +46,8 @@ class ShortAnswerItem:
 
 def load_short_answer_items(path: str | Path) -> list[ShortAnswerItem]:
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read it: {exc}", field=str(path)) from None
     items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            raw = json.loads(line)
-        except ValueError as exc:
-            raise DatasetError(f"{where}: not JSON: {exc}", field=str(path)) from None
+    for _, where, raw in jsonl_objects(path):
         for key in ("prompt", "true_answer"):
             if not isinstance(raw.get(key), str) or not raw[key].strip():
                 raise DatasetError(f"{where}: '{key}' must be a non-empty string", field=key)
