@@ -92,9 +92,11 @@ class EvalJob:
             raise SteeringError("a job needs at least one setting", field="settings")
         if self.folds < 1:
             raise SteeringError("folds must be >= 1", field="folds")
-        if self.answer_prefix not in ("prompt", "generated"):
-            raise SteeringError(f"answer_prefix must be 'prompt' or 'generated', got {self.answer_prefix!r}",
-                                field="answer_prefix")
+        from vllm_steer.eval.truthfulqa_gen import ANSWER_PREFIXES
+
+        if self.answer_prefix not in ANSWER_PREFIXES:
+            raise SteeringError(f"answer_prefix must be {' or '.join(map(repr, ANSWER_PREFIXES))}, got "
+                                f"{self.answer_prefix!r}", field="answer_prefix")
         if self.answer_prefix != "prompt" and self.benchmark != "truthfulqa_gen":
             raise SteeringError(f"answer_prefix applies to the truthfulqa_gen benchmark only, not {self.benchmark}",
                                 field="answer_prefix")
