@@ -11,11 +11,24 @@
   A server started without steering refuses them on every route.
 * ``GET /v1/steering/packs``: the loaded packs (name, methods, model shape, K, layers, metadata).
   There is no endpoint that loads a file: packs come only from the operator's ``--steering-packs``.
-* ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from the
-  engine (``engine_stats.ENGINE_STATS_UTILITY``) and exposed as ``vllm_steer:*`` series.
+* ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from every
+  engine this API server talks to (``engine_stats.ENGINE_STATS_UTILITY`` through
+  ``compat.call_utility_all``), summed over the data-parallel engines
+  (``engine_stats.combine_engine_stats``) and exposed as ``vllm_steer:*`` series, plus
+  ``vllm_steer:requests_per_engine_total{engine}`` / ``vllm_steer:slots_in_use_per_engine{engine}``.
 
 The routes and the middleware are added where vLLM attaches endpoint plugins, once the core
 routers exist (``compat.endpoint_attach_points``); only for servers started with steering.
+
+Several API servers (``--api-server-count N``, or ``--data-parallel-size N``'s default of N API
+servers): vLLM spawns them from the pickled command-line namespace. ``serve_flags`` puts the steering
+config on that namespace at parse time, so each API server builds its own pack registry when it
+builds its engine config and validates requests itself; one that finds steering asked for but no
+registry refuses to start (``_attach_endpoint_plugins``). vLLM then renders ``/metrics`` from a new
+Prometheus multiprocess registry per scrape (``PROMETHEUS_MULTIPROC_DIR``), which gets the steering
+collector too (``_registry_with_steering``). The steering series are not written to the
+multiprocess files: the counters live in the engines, and every API server's client talks to all of
+its node's engines, so whichever API server answers a scrape reports the engines' totals once.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
@@ -128,14 +141,18 @@ def _add_routes(app) -> None:
 
 # -- metrics ----------------------------------------------------------------------------------------
 class _SteeringCollector:
-    """Prometheus collector over the last counters fetched from the engine."""
+    """Prometheus collector over the last counters fetched from the engines (summed over them).
+    It yields nothing until this process serves steering (``enabled``)."""
 
     def __init__(self) -> None:
         self.stats: dict = {}
+        self.enabled = False
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+        if not self.enabled:
+            return
         stats = self.stats
         by_method = CounterMetricFamily(
             "vllm_steer:requests", "Requests that reached the engine with an active steering spec, by method",
@@ -162,35 +179,89 @@ class _SteeringCollector:
             )
         yield GaugeMetricFamily("vllm_steer:slots_in_use", "Steering slots held by running requests",
                                 value=stats.get("slots_in_use", 0))
-        yield GaugeMetricFamily("vllm_steer:slots_total", "Steering slots of the engine (max_num_seqs)",
+        yield GaugeMetricFamily("vllm_steer:slots_total",
+                                "Steering slots of the engines (max_num_seqs each, summed)",
                                 value=stats.get("slots_total", 0))
+        per_engine = stats.get("per_engine", [])
+        requests = CounterMetricFamily(
+            "vllm_steer:requests_per_engine",
+            "Requests with an active steering spec each data-parallel engine received", labels=["engine"])
+        slots = GaugeMetricFamily("vllm_steer:slots_in_use_per_engine",
+                                  "Steering slots held by running requests, per data-parallel engine",
+                                  labels=["engine"])
+        for engine in per_engine:
+            requests.add_metric([str(engine["engine"])], engine["requests"])
+            slots.add_metric([str(engine["engine"])], engine["slots_in_use"])
+        yield requests
+        yield slots
 
 
-_COLLECTOR: _SteeringCollector | None = None
+_COLLECTOR = _SteeringCollector()
+_IN_GLOBAL_REGISTRY = False
 
 
 def _collector() -> _SteeringCollector:
-    global _COLLECTOR
-    if _COLLECTOR is None:
+    """The collector, turned on and in prometheus_client's global registry (what ``/metrics``
+    renders with one API server)."""
+    global _IN_GLOBAL_REGISTRY
+    _COLLECTOR.enabled = True
+    if not _IN_GLOBAL_REGISTRY:
         from prometheus_client import REGISTRY
 
-        _COLLECTOR = _SteeringCollector()
         REGISTRY.register(_COLLECTOR)
+        _IN_GLOBAL_REGISTRY = True
     return _COLLECTOR
 
 
+def _registry_with_steering(original, *args, **kwargs):
+    """vLLM's ``get_prometheus_registry``: in multiprocess mode (several API servers) a new registry
+    over the processes' files each time; the steering collector joins it (it stays silent in a server
+    without steering). The global registry gets it from ``_collector`` instead."""
+    from prometheus_client import REGISTRY
+
+    registry = original(*args, **kwargs)
+    if registry is not REGISTRY:
+        registry.register(_COLLECTOR)
+    return registry
+
+
 async def _refresh_metrics(app) -> None:
+    from vllm_steer.integration.compat import call_utility_all
+    from vllm_steer.integration.engine_stats import combine_engine_stats
+
     engine_client = getattr(app.state, "engine_client", None)
     core = getattr(engine_client, "engine_core", None)
     if core is None or not hasattr(core, "call_utility_async"):
         return
-    _collector().stats = await core.call_utility_async(ENGINE_STATS_UTILITY)
+    _collector().stats = combine_engine_stats(await call_utility_all(core, ENGINE_STATS_UTILITY))
 
 
 # -- install ----------------------------------------------------------------------------------------
+def check_this_server_steers(args: Any) -> None:
+    """An API server asked to steer (``--steering-plugin``) must have built its own pack registry
+    when it built its engine config; refuse to start, naming the reason, rather than answer every
+    steered request with 400 (vLLM's spawned API servers, ``--api-server-count``, get the config only
+    through the command-line namespace; ``serve_flags.check_when_parsed``)."""
+    from vllm_steer.errors import ConfigError
+    from vllm_steer.integration.frontend import steering_engines
+
+    if steering_engines():
+        return
+    import os
+
+    raise ConfigError(
+        f"vllm-steer: this API server process (pid {os.getpid()}) was started with --steering-plugin but "
+        "built no steering pack registry: its engine arguments carry no additional_config['steering'] "
+        "(vLLM spawned it from a command-line namespace the plugin's flag parsing did not see); refusing "
+        "to start rather than answer every steered request with an error",
+        field="--steering-plugin",
+    )
+
+
 def _attach_endpoint_plugins(original, app, *args, **kwargs):
     result = original(app, *args, **kwargs)
     if _steering_enabled(getattr(app.state, "args", None)):
+        check_this_server_steers(app.state.args)
         _patch_request_classes()
         _add_routes(app)
         _collector()
@@ -203,8 +274,10 @@ def install() -> bool:
     """Wrap every endpoint-plugin attach point the installed vLLM has (``compat``); returns whether
     there was one. Called again when ``vllm serve --steering-plugin`` parses its flags, once the API
     server module is surely imported."""
-    from vllm_steer.integration.compat import endpoint_attach_points
+    from vllm_steer.integration.compat import endpoint_attach_points, prometheus_registry_points
 
+    for module, name in prometheus_registry_points():
+        patch(module, name)(_registry_with_steering)
     points = endpoint_attach_points()
     for module, name in points:
         patch(module, name)(_attach_endpoint_plugins)
