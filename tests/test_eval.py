@@ -1,19 +1,10 @@
 """Evaluation: TruthfulQA MC scoring through the engine vs an independent HF reference, and the
-evaluation job (in-process vs 2 Ray actors on a Ray cluster the test starts and joins by
-``ray_address``, an actor killed mid-job and the resume, folds, generation). One in-process engine
-for the module."""
+evaluation job (in-process vs 2 Ray actors, an actor killed mid-job and the resume, folds,
+generation). One in-process engine for the module."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -146,46 +137,7 @@ def _items(out):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A one-node Ray cluster on loopback (``ray start --head --block``, in its own session and temp
-    folder), as a multi-node job would join one: its address, ``127.0.0.1:PORT``. Stopped by ending
-    that process (it stops the processes it started) and then its session, never ``ray stop``, which
-    would stop every Ray on the machine."""
-    from served_process import free_port
-
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--temp-dir", temp, "--include-dashboard",
-               "false", "--disable-usage-stats"]
-    log = open(Path(temp) / "ray_start.log", "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not (Path(temp) / "ray_current_cluster").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, (Path(temp) / "ray_start.log").read_text()[-3000:]
-            time.sleep(0.5)
-        assert proc.poll() is None, (Path(temp) / "ray_start.log").read_text()[-3000:]
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of that session left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def test_ray_actors_match_the_single_process_run_and_a_killed_actor_resumes(job, runner, ray_cluster, tmp_path):
-    """The job's actors run on a Ray cluster the job joins by address (``--ray-address``), as on a
-    multi-node cluster."""
+def test_ray_actors_match_the_single_process_run_and_a_killed_actor_resumes(job, runner, tmp_path):
     import ray
 
     local = run_job(job, tmp_path / "local", progress=False, runner=runner)
@@ -208,7 +160,7 @@ def test_ray_actors_match_the_single_process_run_and_a_killed_actor_resumes(job,
 
     out = tmp_path / "ray"
     try:
-        first = run_job(job, out, num_actors=2, progress=False, on_unit_done=kill_first, ray_address=ray_cluster)
+        first = run_job(job, out, num_actors=2, progress=False, on_unit_done=kill_first)
         assert killed and not first.complete and first.failed
         assert 1 <= first.done < 6
         assert all("setting" in f and "shard" in f for f in first.failed)

@@ -142,50 +142,46 @@ def test_engine_stats_of_data_parallel_engines_are_summed():
     assert {k: v for k, v in alone.items() if k != "per_engine"} == {k: v for k, v in zero.items() if k != "engine"}
 
 
-def test_the_multiprocess_metrics_registry_renders_the_steering_series(tmp_path, monkeypatch):
-    """``--api-server-count`` > 1 makes vLLM render /metrics from a new multiprocess registry
-    (PROMETHEUS_MULTIPROC_DIR), not the global one: the steering collector must be in it, beside
-    the series other processes wrote to the folder, and silent in a server without steering."""
-    from prometheus_client import REGISTRY, generate_latest
+def test_the_multiprocess_metrics_body_gets_the_steering_series_once(tmp_path, monkeypatch):
+    """``--api-server-count`` > 1 makes vLLM render /metrics from a new multiprocess registry over
+    PROMETHEUS_MULTIPROC_DIR, not the global registry: the steering series are appended to that body
+    (gzip or not), once, beside the series other processes wrote, and not at all without steering."""
+    import gzip
 
-    from vllm_steer.integration import compat, engine_stats, openai_server
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-    openai_server.install()
-    from vllm.v1.metrics import prometheus
+    from vllm_steer.integration import engine_stats, openai_server
 
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     # another process's counter, written to the shared folder as prometheus_client does
-    code = ("from prometheus_client import Counter; Counter('vllm:demo_requests', 'x').inc(3)")
+    code = "from prometheus_client import Counter; Counter('vllm:demo_requests', 'x').inc(3)"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
                                                                    "PATH": "/usr/bin:/bin"})
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    body = generate_latest(registry)
+    assert b"vllm:demo_requests_total 3.0" in body
     collector = openai_server._COLLECTOR
     monkeypatch.setattr(collector, "enabled", False)
     monkeypatch.setattr(collector, "stats", {})
-    registry = prometheus.get_prometheus_registry()
-    assert registry is not REGISTRY
-    assert b"vllm_steer" not in generate_latest(registry)  # no steering in this server: nothing
-    assert b"vllm:demo_requests_total 3.0" in generate_latest(registry)
+    assert openai_server.add_steering_series(body, None) == body  # no steering in this server: nothing
 
     stats = engine_stats.combine_engine_stats([
         _engine(0, {"iti": 2}, backtracks=1, slots=0, hist_counts=[0, 0, 1, 0], maximum=1),
         _engine(1, {"fasb": 3}, backtracks=2, slots=2, hist_counts=[0, 0, 2, 0], maximum=1)])
     monkeypatch.setattr(collector, "enabled", True)
     monkeypatch.setattr(collector, "stats", stats)
-    text = generate_latest(prometheus.get_prometheus_registry()).decode()
-    assert "vllm:demo_requests_total 3.0" in text
+    text = openai_server.add_steering_series(body, None).decode()
+    assert text.startswith(body.decode())
     for line in ('vllm_steer:requests_total{method="fasb"} 3.0', 'vllm_steer:requests_total{method="iti"} 2.0',
                  "vllm_steer:backtracks_total 3.0", "vllm_steer:slots_in_use 2.0", "vllm_steer:slots_total 32.0",
                  'vllm_steer:requests_per_engine_total{engine="0"} 2.0',
                  'vllm_steer:requests_per_engine_total{engine="1"} 3.0',
                  'vllm_steer:slots_in_use_per_engine{engine="1"} 2.0',
                  "vllm_steer:recomputed_tokens_per_request_count 3.0"):
-        assert line in text, line
-    # the instrumentator's copy of the name is the wrapped one too, once that module is loaded
-    import vllm.entrypoints.serve.instrumentator.metrics as instrumentator
-
-    compat.prometheus_registry_points()
-    openai_server.install()
-    assert "vllm_steer:backtracks_total 3.0" in generate_latest(instrumentator.get_prometheus_registry()).decode()
+        assert text.count(line + "\n") == 1, line
+    assert openai_server.add_steering_series(text.encode(), None).decode() == text  # never twice
+    zipped = openai_server.add_steering_series(gzip.compress(body), "gzip")
+    assert gzip.decompress(zipped).decode() == text
 
 
 def test_call_utility_all_asks_every_engine():

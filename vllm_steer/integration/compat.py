@@ -10,8 +10,7 @@ symbols themselves), never by comparing version numbers.
 * The version differences themselves, each behind one function: ``preempt_dropping_in_flight``
   (how a backtrack preempts a request), ``discard_in_flight`` (how an in-place backtrack drops the
   step in flight), ``block_is_writable`` (whether a KV block may be written in place),
-  ``endpoint_attach_points`` (where the API server attaches endpoint plugins),
-  ``prometheus_registry_points`` (where ``/metrics`` gets its registry), ``call_utility_all`` (one
+  ``endpoint_attach_points`` (where the API server attaches endpoint plugins), ``call_utility_all`` (one
   utility call answered by every data-parallel engine) and ``ray_data_parallel_problem`` (whether
   this platform can place Ray data-parallel engines).
 """
@@ -217,25 +216,6 @@ def endpoint_attach_points() -> list[tuple[object, str]]:
     for module in (sys.modules.get("vllm.entrypoints.openai.api_server"), main if is_api_server_main else None):
         if module is not None and hasattr(module, "_attach_endpoint_plugins"):
             points.append((module, "_attach_endpoint_plugins"))
-    return points
-
-
-def prometheus_registry_points() -> list[tuple[object, str]]:
-    """(module, function name) pairs through which the API server gets the Prometheus registry its
-    ``/metrics`` route renders: ``v1.metrics.prometheus.get_prometheus_registry`` (a new
-    multiprocess registry when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``--api-server-count`` > 1
-    sets it; the global one otherwise) and the name imported from it into
-    ``entrypoints.serve.instrumentator.metrics`` when that module is already loaded."""
-    points = []
-    try:
-        from vllm.v1.metrics import prometheus
-    except ImportError:
-        return points
-    if hasattr(prometheus, "get_prometheus_registry"):
-        points.append((prometheus, "get_prometheus_registry"))
-    instrumentator = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
-    if instrumentator is not None and hasattr(instrumentator, "get_prometheus_registry"):
-        points.append((instrumentator, "get_prometheus_registry"))
     return points
 
 

@@ -25,10 +25,11 @@ servers): vLLM spawns them from the pickled command-line namespace. ``serve_flag
 config on that namespace at parse time, so each API server builds its own pack registry when it
 builds its engine config and validates requests itself; one that finds steering asked for but no
 registry refuses to start (``_attach_endpoint_plugins``). vLLM then renders ``/metrics`` from a new
-Prometheus multiprocess registry per scrape (``PROMETHEUS_MULTIPROC_DIR``), which gets the steering
-collector too (``_registry_with_steering``). The steering series are not written to the
-multiprocess files: the counters live in the engines, and every API server's client talks to all of
-its node's engines, so whichever API server answers a scrape reports the engines' totals once.
+Prometheus multiprocess registry per scrape (``PROMETHEUS_MULTIPROC_DIR``), over the files the
+processes write, not from the global registry; the ``/metrics`` middleware appends the steering
+series to that body (``add_steering_series``). They are not written to the multiprocess files: the
+counters live in the engines, and every API server's client talks to all of its node's engines, so
+whichever API server answers a scrape reports the engines' totals once.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
@@ -134,9 +135,13 @@ def _add_routes(app) -> None:
 
     @app.middleware("http")
     async def refresh_steering_metrics(request: Request, call_next):
-        if request.url.path.rstrip("/") == "/metrics":
-            await _refresh_metrics(request.app)
-        return await call_next(request)
+        if request.url.path.rstrip("/") != "/metrics":
+            return await call_next(request)
+        await _refresh_metrics(request.app)
+        response = await call_next(request)
+        if not _multiprocess_metrics() or response.status_code != 200:
+            return response
+        return await _with_steering_series(response)
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -213,16 +218,46 @@ def _collector() -> _SteeringCollector:
     return _COLLECTOR
 
 
-def _registry_with_steering(original, *args, **kwargs):
-    """vLLM's ``get_prometheus_registry``: in multiprocess mode (several API servers) a new registry
-    over the processes' files each time; the steering collector joins it (it stays silent in a server
-    without steering). The global registry gets it from ``_collector`` instead."""
-    from prometheus_client import REGISTRY
+def _multiprocess_metrics() -> bool:
+    """Whether ``/metrics`` is rendered from Prometheus multiprocess files (vLLM sets
+    ``PROMETHEUS_MULTIPROC_DIR`` for several API servers): then it builds a new registry over the
+    files at each scrape, without the global registry's collectors."""
+    import os
 
-    registry = original(*args, **kwargs)
-    if registry is not REGISTRY:
-        registry.register(_COLLECTOR)
-    return registry
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def steering_exposition() -> bytes:
+    """The steering series alone, in Prometheus' text format (nothing when steering is off here)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_COLLECTOR)
+    return generate_latest(registry)
+
+
+def add_steering_series(body: bytes, content_encoding: str | None) -> bytes:
+    """A multiprocess ``/metrics`` body with the steering series appended (once: a body that already
+    has them is returned as it is); gzip bodies stay gzip."""
+    import gzip
+
+    zipped = (content_encoding or "").lower() == "gzip"
+    text = gzip.decompress(body) if zipped else body
+    if b"vllm_steer:" in text:
+        return body
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    text += steering_exposition()
+    return gzip.compress(text) if zipped else text
+
+
+async def _with_steering_series(response):
+    from starlette.responses import Response
+
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return Response(add_steering_series(body, response.headers.get("content-encoding")),
+                    status_code=response.status_code, headers=headers)
 
 
 async def _refresh_metrics(app) -> None:
@@ -274,10 +309,8 @@ def install() -> bool:
     """Wrap every endpoint-plugin attach point the installed vLLM has (``compat``); returns whether
     there was one. Called again when ``vllm serve --steering-plugin`` parses its flags, once the API
     server module is surely imported."""
-    from vllm_steer.integration.compat import endpoint_attach_points, prometheus_registry_points
+    from vllm_steer.integration.compat import endpoint_attach_points
 
-    for module, name in prometheus_registry_points():
-        patch(module, name)(_registry_with_steering)
     points = endpoint_attach_points()
     for module, name in points:
         patch(module, name)(_attach_endpoint_plugins)
