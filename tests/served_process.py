@@ -3,6 +3,7 @@ the server tests: start it, wait for /health, read its /metrics, stop it."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -81,9 +82,13 @@ class Served:
             self.proc.kill()
 
 
-def start_server(command: list[str], model: Path, packs: dict[str, Path], port: int, log: Path) -> Served:
+def start_server(command: list[str], model: Path, packs: dict[str, Path], port: int, log: Path,
+                 env: dict[str, str] | None = None) -> Served:
+    """Start ``command`` (its output to ``log``; ``env``: extra environment variables) and wait until
+    its /health answers."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     server = Served(model, packs, port, proc, log)
     deadline = time.monotonic() + 300
     while True:

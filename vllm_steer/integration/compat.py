@@ -9,9 +9,10 @@ symbols themselves), never by comparing version numbers.
   they refuse steering engines the same way. Installing the plugin never raises into vLLM.
 * The version differences themselves, each behind one function: ``preempt_dropping_in_flight``
   (how a backtrack preempts a request), ``discard_in_flight`` (how an in-place backtrack drops the
-  step in flight), ``block_is_writable`` (whether a KV block may be written in place) and
-  ``endpoint_attach_points`` (where the API server attaches
-  endpoint plugins).
+  step in flight), ``block_is_writable`` (whether a KV block may be written in place),
+  ``endpoint_attach_points`` (where the API server attaches endpoint plugins), ``call_utility_all`` (one
+  utility call answered by every data-parallel engine) and ``ray_data_parallel_problem`` (whether
+  this platform can place Ray data-parallel engines).
 """
 
 from __future__ import annotations
@@ -217,3 +218,41 @@ def endpoint_attach_points() -> list[tuple[object, str]]:
         if module is not None and hasattr(module, "_attach_endpoint_plugins"):
             points.append((module, "_attach_endpoint_plugins"))
     return points
+
+
+async def call_utility_all(core, method: str, *args) -> list:
+    """Call an EngineCore utility on every engine ``core`` (an API server's engine-core client)
+    talks to, one answer per engine. Under data parallelism vLLM's ``call_utility_async`` asks every
+    engine but returns the first one's answer only. vLLM 0.32+: ``call_utility_all_async``; 0.26: one
+    ``_call_utility_async(..., engine=...)`` per ``core_engines`` entry; a client with one engine:
+    ``call_utility_async``."""
+    import asyncio
+
+    if hasattr(core, "call_utility_all_async"):
+        return list(await core.call_utility_all_async(method, *args))
+    engines = getattr(core, "core_engines", None)
+    if engines and hasattr(core, "_call_utility_async"):
+        return list(await asyncio.gather(*(core._call_utility_async(method, *args, engine=engine)
+                                           for engine in engines)))
+    return [await core.call_utility_async(method, *args)]
+
+
+def ray_data_parallel_problem(backend: str | None) -> str | None:
+    """Why this vLLM build cannot run ``data_parallel_backend="ray"`` (None when it can, or when
+    another backend is asked for). vLLM places Ray data-parallel engines by the platform's Ray device
+    resource (``Platform.ray_device_key``, e.g. "GPU"); a platform without one (the CPU build) fails
+    inside vLLM's placement-group code with an assertion, after start-up has begun."""
+    if backend != "ray":
+        return None
+    try:
+        from vllm.platforms import current_platform
+    except Exception as exc:  # noqa: BLE001
+        return f"vLLM's platform is not importable ({type(exc).__name__}: {exc})"
+    if getattr(current_platform, "ray_device_key", ""):
+        return None
+    name = getattr(current_platform, "device_name", None) or type(current_platform).__name__
+    return (f"this vLLM build's platform ({name}) has no Ray device resource (Platform.ray_device_key is "
+            "empty), so vLLM cannot place data-parallel engines on Ray (its placement-group code asserts "
+            "on it); use --data-parallel-backend mp, and for several nodes start one "
+            "`vllm serve --data-parallel-size-local ...` per node (--data-parallel-address, "
+            "--data-parallel-rpc-port, --headless on the other nodes)")

@@ -101,6 +101,9 @@ def unsupported_features(vllm_config) -> list[str]:
     if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
         found.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size): the per-token "
                      "steering slots cover a whole step, not a micro-batch")
+    ray = compat.ray_data_parallel_problem(getattr(parallel, "data_parallel_backend", None))
+    if ray is not None:
+        found.append(f"the Ray data-parallel backend (data_parallel_backend='ray'): {ray}")
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) > 1:
             found.append(f"context parallelism ({name} > 1): a request's tokens and heads are split "

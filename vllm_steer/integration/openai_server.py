@@ -11,11 +11,25 @@
   A server started without steering refuses them on every route.
 * ``GET /v1/steering/packs``: the loaded packs (name, methods, model shape, K, layers, metadata).
   There is no endpoint that loads a file: packs come only from the operator's ``--steering-packs``.
-* ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from the
-  engine (``engine_stats.ENGINE_STATS_UTILITY``) and exposed as ``vllm_steer:*`` series.
+* ``/metrics``: before vLLM's Prometheus app renders, the steering counters are fetched from every
+  engine this API server talks to (``engine_stats.ENGINE_STATS_UTILITY`` through
+  ``compat.call_utility_all``), summed over the data-parallel engines
+  (``engine_stats.combine_engine_stats``) and exposed as ``vllm_steer:*`` series, plus
+  ``vllm_steer:requests_per_engine_total{engine}`` / ``vllm_steer:slots_in_use_per_engine{engine}``.
 
 The routes and the middleware are added where vLLM attaches endpoint plugins, once the core
 routers exist (``compat.endpoint_attach_points``); only for servers started with steering.
+
+Several API servers (``--api-server-count N``, or ``--data-parallel-size N``'s default of N API
+servers): vLLM spawns them from the pickled command-line namespace. ``serve_flags`` puts the steering
+config on that namespace at parse time, so each API server builds its own pack registry when it
+builds its engine config and validates requests itself; one that finds steering asked for but no
+registry refuses to start (``_attach_endpoint_plugins``). vLLM then renders ``/metrics`` from a new
+Prometheus multiprocess registry per scrape (``PROMETHEUS_MULTIPROC_DIR``), over the files the
+processes write, not from the global registry; the ``/metrics`` middleware appends the steering
+series to that body (``add_steering_series``). They are not written to the multiprocess files: the
+counters live in the engines, and every API server's client talks to all of its node's engines, so
+whichever API server answers a scrape reports the engines' totals once.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route handlers' annotations.
@@ -121,21 +135,29 @@ def _add_routes(app) -> None:
 
     @app.middleware("http")
     async def refresh_steering_metrics(request: Request, call_next):
-        if request.url.path.rstrip("/") == "/metrics":
-            await _refresh_metrics(request.app)
-        return await call_next(request)
+        if request.url.path.rstrip("/") != "/metrics":
+            return await call_next(request)
+        await _refresh_metrics(request.app)
+        response = await call_next(request)
+        if not _multiprocess_metrics() or response.status_code != 200:
+            return response
+        return await _with_steering_series(response)
 
 
 # -- metrics ----------------------------------------------------------------------------------------
 class _SteeringCollector:
-    """Prometheus collector over the last counters fetched from the engine."""
+    """Prometheus collector over the last counters fetched from the engines (summed over them).
+    It yields nothing until this process serves steering (``enabled``)."""
 
     def __init__(self) -> None:
         self.stats: dict = {}
+        self.enabled = False
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+        if not self.enabled:
+            return
         stats = self.stats
         by_method = CounterMetricFamily(
             "vllm_steer:requests", "Requests that reached the engine with an active steering spec, by method",
@@ -162,35 +184,119 @@ class _SteeringCollector:
             )
         yield GaugeMetricFamily("vllm_steer:slots_in_use", "Steering slots held by running requests",
                                 value=stats.get("slots_in_use", 0))
-        yield GaugeMetricFamily("vllm_steer:slots_total", "Steering slots of the engine (max_num_seqs)",
+        yield GaugeMetricFamily("vllm_steer:slots_total",
+                                "Steering slots of the engines (max_num_seqs each, summed)",
                                 value=stats.get("slots_total", 0))
+        per_engine = stats.get("per_engine", [])
+        requests = CounterMetricFamily(
+            "vllm_steer:requests_per_engine",
+            "Requests with an active steering spec each data-parallel engine received", labels=["engine"])
+        slots = GaugeMetricFamily("vllm_steer:slots_in_use_per_engine",
+                                  "Steering slots held by running requests, per data-parallel engine",
+                                  labels=["engine"])
+        for engine in per_engine:
+            requests.add_metric([str(engine["engine"])], engine["requests"])
+            slots.add_metric([str(engine["engine"])], engine["slots_in_use"])
+        yield requests
+        yield slots
 
 
-_COLLECTOR: _SteeringCollector | None = None
+_COLLECTOR = _SteeringCollector()
+_IN_GLOBAL_REGISTRY = False
 
 
 def _collector() -> _SteeringCollector:
-    global _COLLECTOR
-    if _COLLECTOR is None:
+    """The collector, turned on and in prometheus_client's global registry (what ``/metrics``
+    renders with one API server)."""
+    global _IN_GLOBAL_REGISTRY
+    _COLLECTOR.enabled = True
+    if not _IN_GLOBAL_REGISTRY:
         from prometheus_client import REGISTRY
 
-        _COLLECTOR = _SteeringCollector()
         REGISTRY.register(_COLLECTOR)
+        _IN_GLOBAL_REGISTRY = True
     return _COLLECTOR
 
 
+def _multiprocess_metrics() -> bool:
+    """Whether ``/metrics`` is rendered from Prometheus multiprocess files (vLLM sets
+    ``PROMETHEUS_MULTIPROC_DIR`` for several API servers): then it builds a new registry over the
+    files at each scrape, without the global registry's collectors."""
+    import os
+
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def steering_exposition() -> bytes:
+    """The steering series alone, in Prometheus' text format (nothing when steering is off here)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_COLLECTOR)
+    return generate_latest(registry)
+
+
+def add_steering_series(body: bytes, content_encoding: str | None) -> bytes:
+    """A multiprocess ``/metrics`` body with the steering series appended (once: a body that already
+    has them is returned as it is); gzip bodies stay gzip."""
+    import gzip
+
+    zipped = (content_encoding or "").lower() == "gzip"
+    text = gzip.decompress(body) if zipped else body
+    if b"vllm_steer:" in text:
+        return body
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    text += steering_exposition()
+    return gzip.compress(text) if zipped else text
+
+
+async def _with_steering_series(response):
+    from starlette.responses import Response
+
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return Response(add_steering_series(body, response.headers.get("content-encoding")),
+                    status_code=response.status_code, headers=headers)
+
+
 async def _refresh_metrics(app) -> None:
+    from vllm_steer.integration.compat import call_utility_all
+    from vllm_steer.integration.engine_stats import combine_engine_stats
+
     engine_client = getattr(app.state, "engine_client", None)
     core = getattr(engine_client, "engine_core", None)
     if core is None or not hasattr(core, "call_utility_async"):
         return
-    _collector().stats = await core.call_utility_async(ENGINE_STATS_UTILITY)
+    _collector().stats = combine_engine_stats(await call_utility_all(core, ENGINE_STATS_UTILITY))
 
 
 # -- install ----------------------------------------------------------------------------------------
+def check_this_server_steers(args: Any) -> None:
+    """An API server asked to steer (``--steering-plugin``) must have built its own pack registry
+    when it built its engine config; refuse to start, naming the reason, rather than answer every
+    steered request with 400 (vLLM's spawned API servers, ``--api-server-count``, get the config only
+    through the command-line namespace; ``serve_flags.check_when_parsed``)."""
+    from vllm_steer.errors import ConfigError
+    from vllm_steer.integration.frontend import steering_engines
+
+    if steering_engines():
+        return
+    import os
+
+    raise ConfigError(
+        f"vllm-steer: this API server process (pid {os.getpid()}) was started with --steering-plugin but "
+        "built no steering pack registry: its engine arguments carry no additional_config['steering'] "
+        "(vLLM spawned it from a command-line namespace the plugin's flag parsing did not see); refusing "
+        "to start rather than answer every steered request with an error",
+        field="--steering-plugin",
+    )
+
+
 def _attach_endpoint_plugins(original, app, *args, **kwargs):
     result = original(app, *args, **kwargs)
     if _steering_enabled(getattr(app.state, "args", None)):
+        check_this_server_steers(app.state.args)
         _patch_request_classes()
         _add_routes(app)
         _collector()

@@ -70,6 +70,13 @@ def check_when_parsed(parser) -> None:
                 if config is not None:
                     check_packs(config, getattr(namespace, "model_tag", None) or getattr(namespace, "model", None),
                                 flag=PACKS_FLAG if from_flags is not None else "--additional-config")
+                    check_data_parallel_backend(namespace)
+                if from_flags is not None:
+                    # Every process that rebuilds the engine arguments from this namespace gets the
+                    # steering config as a dataclass field: the API servers that ``--api-server-count``
+                    # / ``--data-parallel-size`` spawn run vLLM's own ``from_cli_args`` (the plugin
+                    # loads inside it), which copies only the fields.
+                    namespace.additional_config = from_flags
             except SteeringError as exc:
                 parser.error(str(exc))
         return namespace, rest
@@ -117,12 +124,6 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
     if packs_dir is None:
         raise ConfigError(f"{PLUGIN_FLAG} needs {PACKS_FLAG} DIR: the folder of steer packs to serve",
                           field=PACKS_FLAG)
-    if additional_config and ADDITIONAL_CONFIG_KEY in additional_config:
-        raise ConfigError(
-            f"give the steering config either as --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
-            f"or with {PLUGIN_FLAG}/{PACKS_FLAG}, not both",
-            field=PLUGIN_FLAG,
-        )
     steering: dict[str, Any] = {"packs_dir": str(packs_dir)}
     if limits:
         try:
@@ -131,7 +132,26 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
             err = exc.errors()[0]
             flag = next(f for f, n in LIMIT_FLAGS.items() if n == err["loc"][0])
             raise ConfigError(f"{flag}: {err['msg']}", field=flag) from None
+    if additional_config and additional_config.get(ADDITIONAL_CONFIG_KEY) == steering:
+        return dict(additional_config)  # already applied (``check_when_parsed`` puts it on the namespace)
+    if additional_config and ADDITIONAL_CONFIG_KEY in additional_config:
+        raise ConfigError(
+            f"give the steering config either as --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
+            f"or with {PLUGIN_FLAG}/{PACKS_FLAG}, not both",
+            field=PLUGIN_FLAG,
+        )
     return {**(additional_config or {}), ADDITIONAL_CONFIG_KEY: steering}
+
+
+def check_data_parallel_backend(args: Any) -> None:
+    """Refuse, naming ``--data-parallel-backend``, a Ray data-parallel backend this vLLM build cannot
+    place (``compat.ray_data_parallel_problem``: vLLM's CPU build has no Ray device to place engines
+    on)."""
+    from vllm_steer.integration.compat import ray_data_parallel_problem
+
+    problem = ray_data_parallel_problem(getattr(args, "data_parallel_backend", None))
+    if problem is not None:
+        raise ConfigError(f"--data-parallel-backend ray: {problem}", field="--data-parallel-backend")
 
 
 def _wire_the_server() -> None:
