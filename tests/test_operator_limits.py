@@ -103,8 +103,8 @@ def test_configurations_steering_cannot_honour_are_named():
 
     assert unsupported_features(config()) == []
     assert unsupported_features(config(tensor_parallel_size=2)) == []
+    assert unsupported_features(config(pipeline_parallel_size=2)) == []  # each stage steers its layers
     for cfg, words in [(config(speculative=object()), "speculative decoding"),
-                       (config(pipeline_parallel_size=2), "pipeline parallelism"),
                        (config(enable_dbo=True), "dual-batch overlap"),
                        (config(ubatch_size=2), "micro-batching"),
                        (config(decode_context_parallel_size=2), "context parallelism")]:
@@ -115,7 +115,6 @@ def test_configurations_steering_cannot_honour_are_named():
 @pytest.mark.parametrize("overrides, words", [
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}},
      "speculative decoding"),
-    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
 ])
 def test_a_steering_engine_with_such_a_configuration_does_not_start(tiny_model, tmp_path, overrides, words):
     from conftest import make_llm

@@ -9,7 +9,9 @@ outputs, at the layers where some pack has probed heads.
 
 ``scores`` turns those dots into each monitored request's mean P(desired) over its pack's K probes:
 ``mean_k sigmoid(w_k . a_k + b_k)``. Under tensor parallelism each rank holds a slice of the heads,
-so it returns per-rank sums of sigmoids; the caller all-reduces them and divides by K.
+so it returns per-rank sums of sigmoids; the caller all-reduces them and divides by K. Under
+pipeline parallelism a stage's table holds only its own layers (``probe_layers``), so its sums cover
+its probes; the stages' sums are added before the division.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class _PackProbes:
     layer_index: torch.Tensor  # [K_local] index into probe_layers
     local_head: torch.Tensor  # [K_local]
     bias: torch.Tensor  # [K_local]
-    num_probes: int  # K over all ranks
+    num_probes: int  # K over all ranks and stages
 
 
 class ProbeTable:
@@ -81,9 +83,9 @@ class ProbeTable:
         layer_index, local_head, bias = [], [], []
         for k, (layer, head) in enumerate(pack.selected_heads):
             h = head - first_head
-            if not 0 <= h < layout.local_heads:
-                continue  # another rank holds this head
-            j = self._layer_index[layer]
+            j = self._layer_index.get(layer)
+            if not 0 <= h < layout.local_heads or j is None:
+                continue  # another rank (or pipeline stage) holds this head
             weight_row[j, h * layout.head_dim : (h + 1) * layout.head_dim] = pack.probe_weights[k]
             layer_index.append(j)
             local_head.append(h)
@@ -99,7 +101,8 @@ class ProbeTable:
         return probes
 
     def sigmoid_sums(self, rows: torch.Tensor, by_pack: dict[str, tuple[SteerPack, list[int]]]) -> torch.Tensor:
-        """For each token row: the sum over this rank's probed heads of its pack's sigmoid(logit).
+        """For each token row: the sum over this rank's (and stage's) probed heads of its pack's
+        sigmoid(logit).
 
         ``rows`` [M] long on the device; ``by_pack`` maps a pack name to (pack, indices into ``rows``).
         Returns [M] float32 on the device."""

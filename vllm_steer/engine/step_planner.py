@@ -123,6 +123,9 @@ class StepPlanner:
         self._scaled_tokens = 0  # how many leading entries of token_scales may differ from 1
         self.monitored = NOTHING_MONITORED  # this step's probed tokens
         self.hooked_layers: dict = {}  # PackRegistry.graph_key(), set by the worker once the ops are in
+        self.pipeline_stage = (0, 1)  # (this worker's pipeline stage, number of stages), set by the worker
+        # this step's partial probe sums from the previous pipeline stage ([M] on the device), or None
+        self.received_probe_sums: torch.Tensor | None = None
 
     @property
     def monitored_rows(self) -> torch.Tensor:

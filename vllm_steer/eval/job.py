@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -396,11 +397,30 @@ def _join_ray(ray, address: str | None) -> None:
     try:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     except ConnectionError as exc:
-        raise SteeringError(f"cannot join a Ray cluster at ray_address {address or 'auto'}: {exc}",
-                            field="ray_address") from None
+        raise SteeringError(f"cannot join a Ray cluster at ray_address {address or 'auto'}: {exc}"
+                            f"{_ray_join_reason(exc)}", field="ray_address") from None
     finally:
         if bounded:
             del os.environ[RAY_GCS_WAIT_ENV]
+
+
+def _ray_join_reason(exc: BaseException) -> str:
+    """Why Ray could not join, where its ConnectionError hides it: a cluster started with token
+    authentication (Ray's default for new clusters since 2.5x) refuses a driver without its token."""
+    cause = exc.__cause__
+    while cause is not None:
+        if "AuthToken" in str(cause) or type(cause).__name__ == "AuthenticationError":
+            return (" (the cluster requires its authentication token: set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, as on the cluster's nodes)")
+        cause = cause.__cause__
+    return ""
+
+
+def ray_cluster_description(ray) -> str:
+    """The Ray cluster this process has joined: its GCS address and nodes (for the job's log)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return (f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s) "
+            f"({', '.join(sorted(n['NodeManagerAddress'] for n in nodes))})")
 
 
 def _run_on_ray(job, todo, num_actors, save, report, on_unit_done) -> None:
@@ -411,6 +431,7 @@ def _run_on_ray(job, todo, num_actors, save, report, on_unit_done) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TOKENIZERS_", "OMP_"))}
     actor_cls = ray.remote(num_cpus=0)(ShardRunner)
     count = min(num_actors, len(todo))
+    print(f"eval: {count} actor(s) on the {ray_cluster_description(ray)}", file=sys.stderr, flush=True)
     # One GPU per actor where the cluster has GPUs (Ray sets each actor's CUDA_VISIBLE_DEVICES);
     # otherwise disjoint CPU cores per actor.
     gpus = ray.cluster_resources().get("GPU", 0) >= 1

@@ -22,6 +22,7 @@ from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.integration import compat
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.integration.patching import patch
+from vllm_steer.integration.pipeline_stages import stage_split_problems
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, SteeringSpec, is_flat, parse_spec, respell_flat
 
@@ -95,9 +96,6 @@ def unsupported_features(vllm_config) -> list[str]:
     if getattr(vllm_config, "speculative_config", None) is not None:
         found.append("speculative decoding (speculative_config): draft and verified tokens share a step, "
                      "while steering slots and FASB's probe scores assume one sampled token per step")
-    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
-        found.append("pipeline parallelism (pipeline_parallel_size > 1): FASB's score needs the probes of "
-                     "every stage and the steering hooks are not placed per stage")
     if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 0) > 1:
         found.append("dual-batch overlap / micro-batching (enable_dbo, ubatch_size): the per-token "
                      "steering slots cover a whole step, not a micro-batch")
@@ -139,7 +137,17 @@ def _create_engine_config(original, self, *args, **kwargs):
                 "steering.capture needs enable_prefix_caching=False (cached blocks are not recomputed)",
                 field="steering.capture",
             )
-        registry = PackRegistry.from_config(config, model_shape_of(model_config))
+        pp_size = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+        if config.capture and pp_size > 1:
+            raise ConfigError("steering.capture needs pipeline_parallel_size=1 (captures are read from one "
+                              "worker, which under pipeline parallelism holds only its stage's layers)",
+                              field="steering.capture")
+        shape = model_shape_of(model_config)
+        registry = PackRegistry.from_config(config, shape)
+        split = stage_split_problems(registry, shape.num_layers, pp_size)
+        if split:
+            raise ConfigError("vllm-steer cannot steer this engine configuration: " + "; ".join(split),
+                              field="steering.packs")
         _REGISTRIES[id(model_config)] = (model_config, registry, config)
         _log_packs(registry, config)
         vllm_config.additional_config = {

@@ -74,16 +74,18 @@ def _l2s_predict_after_layer(module: nn.Module, args: tuple, output):
     return output
 
 
-def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], num_layers: int) -> list:
-    """The L2S predictors after their read layers. Install before ``install_hooks`` so a predictor
-    reads the stream before any residual steering added at the same layer (forward hooks run in the
-    order they were registered): with L' = L* the predictor reads the unsteered stream after L*,
-    writes its row, and the steering hook right after it adds that row in the same pass."""
-    layers = checked_decoder_layers(model, num_layers)
+def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], stage_layers: range) -> list:
+    """The L2S predictors after their read layers (those of ``stage_layers``, the layers this process
+    runs). Install before ``install_hooks`` so a predictor reads the stream before any residual
+    steering added at the same layer (forward hooks run in the order they were registered): with
+    L' = L* the predictor reads the unsteered stream after L*, writes its row, and the steering hook
+    right after it adds that row in the same pass."""
+    layers = checked_decoder_layers(model, stage_layers)
     handles = []
     by_layer: dict[int, list[L2SPredictor]] = {}
     for predictor in predictors:
-        by_layer.setdefault(predictor.read_layer, []).append(predictor)
+        if predictor.read_layer in stage_layers:
+            by_layer.setdefault(predictor.read_layer, []).append(predictor)
     for layer, group in by_layer.items():
         block = layers[layer]
         prefixes = []
@@ -97,20 +99,22 @@ def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], num_laye
     return handles
 
 
-def checked_decoder_layers(model: nn.Module, num_layers: int) -> dict[int, nn.Module]:
+def checked_decoder_layers(model: nn.Module, stage_layers: range) -> dict[int, nn.Module]:
+    """The decoder layers of ``stage_layers`` (every layer, or a pipeline stage's): under pipeline
+    parallelism the other stages' layers are placeholders without attention."""
     layers = decoder_layers(model)
-    if sorted(layers) != list(range(num_layers)):
+    if sorted(layers) != list(stage_layers):
         raise RuntimeError(
             f"vllm-steer found decoder layers {sorted(layers)} in {type(model).__name__}, expected "
-            f"0..{num_layers - 1}: this architecture is not supported"
+            f"{stage_layers.start}..{stage_layers.stop - 1}: this architecture is not supported"
         )
     return layers
 
 
-def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, num_layers: int) -> list:
+def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, stage_layers: range) -> list:
     """Eager-only hooks (they call Python every step): per-head o_proj input and residual stream."""
     handles = []
-    for index, block in checked_decoder_layers(model, num_layers).items():
+    for index, block in checked_decoder_layers(model, stage_layers).items():
 
         def read_heads(module, args, layer=index):
             capturer.record("heads", layer, args[0])
@@ -124,13 +128,15 @@ def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, num_la
     return handles
 
 
-def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int, probes: ProbeTable | None = None) -> list:
-    """Steering at every head/residual layer of the table; at layers with probed heads the same op
-    also writes the probe dots into ``probes.probe_out``."""
-    layers = checked_decoder_layers(model, num_layers)
+def install_hooks(model: nn.Module, table: SteeringTable, stage_layers: range,
+                  probes: ProbeTable | None = None) -> list:
+    """Steering at every head/residual layer of the table that ``stage_layers`` (the layers this
+    process runs) holds; at layers with probed heads the same op also writes the probe dots into
+    ``probes.probe_out``."""
+    layers = checked_decoder_layers(model, stage_layers)
     handles = []
     layout = table.layout
-    for layer in table.head_layers:
+    for layer in (l for l in table.head_layers if l in stage_layers):
         o_proj = layers[layer].self_attn.o_proj
         o_proj.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
         o_proj.register_buffer("vllm_steer_rows", table.head_rows_of(layer), persistent=False)
@@ -143,7 +149,7 @@ def install_hooks(model: nn.Module, table: SteeringTable, num_layers: int, probe
             handles.append(o_proj.register_forward_pre_hook(_steer_and_probe_o_proj_input))
         else:
             handles.append(o_proj.register_forward_pre_hook(_steer_o_proj_input))
-    for layer in table.residual_layers:
+    for layer in (l for l in table.residual_layers if l in stage_layers):
         block = layers[layer]
         block.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
         block.register_buffer("vllm_steer_residual_rows", table.residual_rows_of(layer), persistent=False)

@@ -7,7 +7,10 @@
   scheduler sends as an attribute of SchedulerOutput (``FASB_UPDATES_ATTR``);
 * ``sample_tokens``: turn the probe dots of monitored requests' newest tokens into mean P(desired)
   (all-reduced over tensor-parallel ranks) and return them as an attribute of the step's
-  ModelRunnerOutput (``PROBE_SCORES_ATTR``), which reaches the scheduler with the sampled tokens.
+  ModelRunnerOutput (``PROBE_SCORES_ATTR``), which reaches the scheduler with the sampled tokens;
+* ``execute_model``, under pipeline parallelism: each stage hooks only its own layers; a stage that
+  is not the last adds its probes' sigmoid sums to the partial sums it received and sends them on
+  with its hidden states (``pipeline_stages.PROBE_SUMS_KEY``), so the last stage scores every probe.
 
 Nothing is installed in a runner whose engine was started without ``additional_config["steering"]``.
 """
@@ -18,6 +21,7 @@ import functools
 import json
 
 import numpy as np
+import torch
 from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
@@ -29,6 +33,7 @@ from vllm_steer.engine.step_planner import StepPlanner
 from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks, install_l2s_hooks
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
 from vllm_steer.integration.patching import patch
+from vllm_steer.integration.pipeline_stages import PROBE_SUMS_KEY, this_stage, this_stage_layers
 from vllm_steer.pack_registry import PackRegistry
 
 logger = init_logger("vllm.vllm_steer")
@@ -54,6 +59,7 @@ def _attach(runner) -> None:
             f"(front-end saw {config.hooked_layers}, worker sees {hooked})"
         )
     layout = rank_layout_of(shape)
+    stage_layers = this_stage_layers(shape.num_layers)
     table = SteeringTable(
         layout,
         head_layers=registry.head_layers,
@@ -63,8 +69,9 @@ def _attach(runner) -> None:
         device=runner.device,
     )
     probe_layers = ProbeTable.layers_of(registry.packs.values())
-    probes = (
-        ProbeTable(layout, probe_layers, runner.max_num_tokens, table.num_slots, runner.device)
+    probes = (  # under pipeline parallelism, this stage's probe layers (maybe none) of all the packs'
+        ProbeTable(layout, [l for l in probe_layers if l in stage_layers], runner.max_num_tokens, table.num_slots,
+                   runner.device)
         if probe_layers else None
     )
     predictors = {
@@ -77,20 +84,25 @@ def _attach(runner) -> None:
                 "after the prefill, so it steers generated tokens only",
                 predictor.pack_name, predictor.read_layer, predictor.steer_layer,
             )
-    install_l2s_hooks(runner.get_model(), list(predictors.values()), shape.num_layers)
-    handles = install_hooks(runner.get_model(), table, shape.num_layers, probes)
-    if len(handles) != len(table.head_layers) + len(table.residual_layers):
-        raise RuntimeError(f"vllm-steer: {len(handles)} steering hooks placed for layers {hooked}")
+    install_l2s_hooks(runner.get_model(), list(predictors.values()), stage_layers)
+    handles = install_hooks(runner.get_model(), table, stage_layers, probes)
+    expected = sum(l in stage_layers for l in table.head_layers) + sum(l in stage_layers for l in table.residual_layers)
+    if len(handles) != expected:
+        raise RuntimeError(f"vllm-steer: {len(handles)} steering hooks placed for layers {hooked} "
+                           f"(this stage's layers {stage_layers.start}..{stage_layers.stop - 1})")
     planner = StepPlanner(table, registry, probes, predictors)
     planner.hooked_layers = hooked
     setattr(runner, PLANNER_ATTR, planner)
     if config.capture:
         capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
-        install_capture_hooks(runner.get_model(), capturer, shape.num_layers)
+        install_capture_hooks(runner.get_model(), capturer, stage_layers)
         setattr(runner, CAPTURER_ATTR, capturer)
+    planner.pipeline_stage = this_stage()
     logger.info(
-        "vllm-steer: %d pack(s) %s; head steering at layers %s, residual at layers %s; %d slots",
+        "vllm-steer: %d pack(s) %s; head steering at layers %s, residual at layers %s; %d slots%s",
         len(registry.packs), sorted(registry.packs), table.head_layers, table.residual_layers, table.num_slots,
+        "" if planner.pipeline_stage[1] == 1 else
+        f"; pipeline stage {planner.pipeline_stage[0]} hooks layers {stage_layers.start}..{stage_layers.stop - 1}",
     )
 
 
@@ -133,24 +145,83 @@ def _plan_step(runner, scheduler_output) -> None:
         capturer.plan_step(wanted, runner.device)
 
 
+def _stage_probe_sums(planner: StepPlanner):
+    """[M] float32 on the device: this step's monitored tokens' probe sigmoid sums over every head this
+    pipeline stage holds (all-reduced over its tensor-parallel ranks), plus the partial sums the
+    previous stage sent; None when nothing is monitored."""
+    if not planner.monitored:
+        return None
+    probes = planner.probes
+    sums = probes.sigmoid_sums(planner.monitored_rows, planner.monitored.by_pack)
+    if probes.layout.tp_size > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        sums = tensor_model_parallel_all_reduce(sums)
+    received = planner.received_probe_sums
+    if received is not None:
+        if received.shape != sums.shape:
+            raise RuntimeError(f"vllm-steer: the previous pipeline stage sent probe sums for {received.shape[0]} "
+                               f"tokens, this stage monitors {sums.shape[0]}")
+        sums = sums + received
+    elif planner.pipeline_stage[0] > 0:
+        raise RuntimeError("vllm-steer: the previous pipeline stage sent no probe sums for this step's "
+                           "monitored tokens")
+    return sums
+
+
 def _probe_scores(runner):
     """(planner, [M] float32 scores on the device) for this step's monitored tokens, or None."""
     planner: StepPlanner | None = getattr(runner, PLANNER_ATTR, None)
     if planner is None or not planner.monitored:
         return None
-    monitored = planner.monitored
-    probes = planner.probes
-    sums = probes.sigmoid_sums(planner.monitored_rows, monitored.by_pack)
-    if probes.layout.tp_size > 1:
-        from vllm.distributed import tensor_model_parallel_all_reduce
+    sums = _stage_probe_sums(planner)
+    return planner, sums / planner.probes.probe_counts(planner.monitored.by_pack, len(planner.monitored))
 
-        sums = tensor_model_parallel_all_reduce(sums)
-    return planner, sums / probes.probe_counts(monitored.by_pack, len(monitored))
+
+def _share_adaptive_scores(planner: StepPlanner, scores) -> None:
+    """strength="paper" under pipeline parallelism: every stage plans the next step's strengths from
+    this step's scores, which only the last stage has; it broadcasts them to the other stages (each
+    calls this in the same step, ``scores`` None there) and they note them."""
+    from vllm.distributed import get_pp_group
+
+    group = get_pp_group()
+    last = group.world_size - 1
+    if scores is None:
+        scores = torch.empty(len(planner.monitored), dtype=torch.float32, device=planner.probes.device)
+    scores = group.broadcast(scores.contiguous(), src=last)
+    if group.rank_in_group != last:
+        planner.note_scores(planner.monitored.req_ids, planner.monitored.positions.tolist(), scores.cpu().tolist())
+
+
+def _execute_model(original, self, scheduler_output, intermediate_tensors=None, *args, **kwargs):
+    """Under pipeline parallelism: take the probe sums the previous stage sent out of the tensors
+    vLLM copies into its own buffers (they have no slot for them), and, on a stage that is not the
+    last, send this stage's running sums on with its hidden states."""
+    planner: StepPlanner | None = getattr(self, PLANNER_ATTR, None)
+    if planner is None or planner.pipeline_stage[1] == 1:
+        return original(self, scheduler_output, intermediate_tensors, *args, **kwargs)
+    planner.received_probe_sums = (
+        intermediate_tensors.tensors.pop(PROBE_SUMS_KEY, None) if intermediate_tensors is not None else None)
+    output = original(self, scheduler_output, intermediate_tensors, *args, **kwargs)
+    tensors = getattr(output, "tensors", None)
+    if isinstance(tensors, dict) and "hidden_states" in tensors:  # a stage that is not the last
+        sums = _stage_probe_sums(planner)
+        if sums is not None:
+            tensors[PROBE_SUMS_KEY] = sums
+    return output
 
 
 def _sample_tokens(original, self, *args, **kwargs):
     planner: StepPlanner | None = getattr(self, PLANNER_ATTR, None)
     if planner is None:
+        return original(self, *args, **kwargs)
+    stage, num_stages = planner.pipeline_stage
+    if stage < num_stages - 1:
+        # The last stage scores and samples (this one sent its probe sums on) and reports the same
+        # failures: they come from the same scheduler outputs on every stage.
+        planner.take_failures()
+        if planner.monitored and planner.has_adaptive_strength(planner.monitored.req_ids):
+            _share_adaptive_scores(planner, None)
         return original(self, *args, **kwargs)
     scored = _probe_scores(self)
     req_ids, scores_cpu = [], None
@@ -163,6 +234,8 @@ def _sample_tokens(original, self, *args, **kwargs):
             # The one host sync of the step that is not the scheduler's: the next step's
             # token scales are planned on the host from these scores.
             scores_cpu = scores.cpu()
+            if num_stages > 1:
+                _share_adaptive_scores(planner, scores)
             planner.note_scores(req_ids, monitored.positions.tolist(), scores_cpu.tolist())
         elif scores.is_cuda and getattr(self, "use_async_scheduling", False):
             # Enqueued before the runner's own device-to-host copy, which waits for this stream:
@@ -230,8 +303,24 @@ def _prepare_inputs(original, self, scheduler_output, *args, **kwargs):
     return result
 
 
+def _trim_rolled_back_outputs(runner, scheduler_output) -> None:
+    """A stage that is not the last keeps its requests' tokens from the scheduler's ``new_token_ids``
+    and never shortens them; the last stage trims to ``num_output_tokens``. A FASB backtrack rolled
+    back in place reaches the workers as a resumed request with fewer output tokens: trim them here
+    too, or this stage would feed the retracted tokens back in as the regenerated ones' inputs."""
+    cached = scheduler_output.scheduled_cached_reqs
+    if not cached.resumed_req_ids:
+        return
+    for i, req_id in enumerate(cached.req_ids):
+        state = runner.requests.get(req_id)
+        if req_id in cached.resumed_req_ids and state is not None:
+            del state.output_token_ids[cached.num_output_tokens[i]:]
+
+
 def _update_states(original, self, scheduler_output, *args, **kwargs):
     planner = getattr(self, PLANNER_ATTR, None)
+    if planner is not None and planner.pipeline_stage[0] < planner.pipeline_stage[1] - 1:
+        _trim_rolled_back_outputs(self, scheduler_output)
     updates = getattr(scheduler_output, FASB_UPDATES_ATTR, None)
     if planner is not None and updates:
         for update in updates:
@@ -264,5 +353,6 @@ def install() -> None:
         if "load_model" in runner.__dict__:
             patch(runner, "load_model")(_load_model)
     patch(GPUModelRunner, "sample_tokens")(_sample_tokens)
+    patch(GPUModelRunner, "execute_model")(_execute_model)
     patch(GPUModelRunner, "_prepare_inputs")(_prepare_inputs)
     patch(GPUModelRunner, "_update_states")(_update_states)
