@@ -73,6 +73,28 @@ def _lookup(src: Source, module: str, name: str, depth: int = 0):
     return None
 
 
+def _member(src: Source, module: str, cls: ast.ClassDef, name: str, depth: int = 0):
+    """``name`` defined in ``cls`` or, failing that, in a base class named in its bases that ``module``
+    defines or imports (the methods a subclass inherits)."""
+    for item in cls.body:
+        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and item.name == name:
+            return item
+        if isinstance(item, (ast.Assign, ast.AnnAssign)):
+            targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return item
+    if depth > 6:
+        return None
+    for base in cls.bases:
+        if isinstance(base, ast.Name):
+            parent = _lookup(src, module, base.id)
+            if isinstance(parent, ast.ClassDef):
+                found = _member(src, module, parent, name, depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
 def problem(src: Source, needed: Needed) -> str | None:
     head, *rest = needed.path.split(".")
     node = _lookup(src, needed.module, head)
@@ -81,16 +103,10 @@ def problem(src: Source, needed: Needed) -> str | None:
     for part in rest:
         if not isinstance(node, ast.ClassDef):
             return f"{needed.name}: {part} is not looked up inside a class here"
-        inner = None
-        for item in node.body:
-            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and item.name == part:
-                inner = item
-            elif isinstance(item, (ast.Assign, ast.AnnAssign)):
-                targets = item.targets if isinstance(item, ast.Assign) else [item.target]
-                if any(isinstance(t, ast.Name) and t.id == part for t in targets):
-                    inner = item
+        inner = _member(src, needed.module, node, part)
         if inner is None:
-            return f"{needed.name}: missing (not defined in class {node.name}; inherited members are not followed)"
+            return (f"{needed.name}: missing (not defined in class {node.name} nor in its base classes "
+                    "that this module defines or imports by name)")
         node = inner
     if needed.params is None:
         return None

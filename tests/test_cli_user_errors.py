@@ -1,5 +1,6 @@
 """A user's mistake in any command line ends with one message naming the flag or file, exit code 2,
-and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect`` and ``vllm serve --steering-*``.
+and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect | import | export`` and ``vllm serve
+--steering-*``.
 
 Every case runs the installed command in a subprocess; all are caught before an engine starts, so
 the cases run side by side (four subprocesses at a time; about a minute on 2 idle cores, most of it
@@ -18,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from conftest import truthfulqa_dir
 from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
@@ -29,6 +32,7 @@ BIN = Path(sys.executable).parent
 STEER = str(BIN / "vllm-steer")
 VLLM = str(BIN / "vllm")
 UNREACHABLE_RAY = "10.255.255.1:6379"  # a non-routable address: nothing answers there
+FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 
 
 def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
@@ -38,6 +42,9 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
     l2s = [STEER, "fit", "l2s", "--model", model, "--data", data, "--out", out, "--read-layer", "1",
            "--steer-layer", "2"]
     ev = [STEER, "eval", "--model", model, "--benchmark", "short_answer", "--data", sa, "--out", w["job"]]
+
+    def imp(source):
+        return [STEER, "pack", "import", source]
     serve = [VLLM, "serve", model]
     return {
         # vllm-steer fit
@@ -99,6 +106,33 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
         "inspect-missing": ([STEER, "pack", "inspect", w["missing"] + ".safetensors"], "vllm-steer pack inspect",
                             "not found"),
         "inspect-corrupt": ([STEER, "pack", "inspect", w["corrupt"]], "vllm-steer pack inspect", "safetensors"),
+        "inspect-model-missing": ([STEER, "pack", "inspect", w["pack"], "--model", w["missing"]],
+                                  "vllm-steer pack inspect", "--model"),
+        "inspect-a-control-vector": ([STEER, "pack", "inspect", str(FIXTURES / "repeng_control_vector.gguf")],
+                                     "vllm-steer pack inspect", "vllm-steer pack import"),
+        # vllm-steer pack import | export
+        "import-a-steer-pack": ([*imp(w["pack"]), "--model", model, "--out", out], "vllm-steer pack import",
+                                "already a vllm-steer pack"),
+        "import-pickle": ([*imp(w["pickle"]), "--model", model, "--out", out], "vllm-steer pack import",
+                          "never loads"),
+        "import-missing": ([*imp(w["missing"] + ".gguf"), "--model", model, "--out", out], "vllm-steer pack import",
+                           "no such file"),
+        "import-out-not-a-pack": ([*imp(w["vectors"]), "--model", model, "--out", w["job"] + ".gguf"],
+                                  "vllm-steer pack import", "--out"),
+        "import-bad-name": ([*imp(w["vectors"]), "--model", model, "--out", out, "--name", "a b"],
+                            "vllm-steer pack import", "--name"),
+        "import-one-vector-without-layer": ([*imp(w["one_vector"]), "--model", model, "--out", out],
+                                            "vllm-steer pack import", "--layer"),
+        "import-layer-outside-the-model": ([*imp(w["one_vector"]), "--model", model, "--out", out, "--layer", "9"],
+                                           "vllm-steer pack import", "layer 9"),
+        "import-wrong-hidden-size": ([*imp(w["narrow_vectors"]), "--model", model, "--out", out],
+                                     "vllm-steer pack import", "hidden size"),
+        "import-model-missing": ([*imp(w["vectors"]), "--model", w["missing"], "--out", out],
+                                 "vllm-steer pack import", "--model"),
+        "export-heads-only-pack": ([STEER, "pack", "export", w["pack"], "--format", "gguf", "--out", w["job"] + ".gguf"],
+                                   "vllm-steer pack export", "no residual vectors"),
+        "export-missing-pack": ([STEER, "pack", "export", w["missing"] + ".safetensors", "--format", "gguf", "--out",
+                                 w["job"] + ".gguf"], "vllm-steer pack export", "not found"),
         # vllm serve --steering-*
         "serve-plugin-without-packs": ([*serve, "--steering-plugin"], "vllm serve", "--steering-packs"),
         "serve-missing-packs-dir": ([*serve, "--steering-plugin", "--steering-packs", w["missing"]], "vllm serve",
@@ -133,7 +167,13 @@ def world(model_cache, tmp_path_factory):
     other = ModelShape(architecture="LlamaForCausalLM", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                        hidden_size=128)
     other_pack = save_pack(root / "other" / "other.safetensors", random_pack(other, "other", num_heads_selected=2))
+    (root / "vectors.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle (of 1): refused by name, never loaded
+    save_file({"layers.1": torch.ones(shape.hidden_size)}, str(root / "vectors.safetensors"))
+    save_file({"layers.1": torch.ones(shape.hidden_size // 2)}, str(root / "narrow.safetensors"))
+    save_file({"steer": torch.ones(shape.hidden_size)}, str(root / "one_vector.safetensors"))
     return {
+        "pickle": str(root / "vectors.pt"), "vectors": str(root / "vectors.safetensors"),
+        "narrow_vectors": str(root / "narrow.safetensors"), "one_vector": str(root / "one_vector.safetensors"),
         "model": str(model), "pairs": str(pairs), "short_answer": str(short_answer), "out": str(root / "p.safetensors"),
         "job": str(root / "job"), "missing": str(root / "missing"), "empty_dir": str(root / "empty"),
         "pack": str(pack), "packs_dir": str(packs_dir), "corrupt": str(corrupt_dir / "broken.safetensors"),
@@ -143,15 +183,18 @@ def world(model_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(world):
-    """Every case's (return code, stderr, seconds), run four at a time."""
+def runs(world, request):
+    """The selected cases' (return code, stderr, seconds), run four at a time (``-k serve`` runs the
+    ``vllm serve`` cases only)."""
 
     def run(argv):
         start = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
         return proc.returncode, proc.stderr, time.monotonic() - start
 
-    cases = _cases(world)
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    cases = {name: case for name, case in _cases(world).items() if name in selected}
     slow_first = sorted(cases, key=lambda name: (cases[name][0][0] != VLLM, "ray" not in name))  # vLLM imports
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(run, cases[name][0]) for name in slow_first}

@@ -200,6 +200,27 @@ def _parser() -> argparse.ArgumentParser:
                                                   "layers, probes, L2S, digest")
     inspect.add_argument("file", help="a .safetensors steer pack")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--model", help="also check the pack against this checkpoint (exit code 1 and each "
+                                         "mismatch named when it does not fit)")
+    from vllm_steer.interop import EXPORT_FORMATS, IMPORT_FORMATS
+
+    imp = pack_sub.add_parser("import", help="a steer pack from another tool's vectors: llama.cpp/repeng GGUF "
+                                             "control vectors, IBM activation-steering .svec, per-layer "
+                                             ".safetensors/.npy/.npz, an sae-lens SAE's decoder row")
+    imp.add_argument("source", help="the file (or the SAE's folder)")
+    imp.add_argument("--model", required=True, help="the checkpoint the vectors are for (its shape goes into the pack)")
+    imp.add_argument("--out", required=True, help="output pack, e.g. packs/calm.safetensors")
+    imp.add_argument("--name", help="pack name (default: the output file's stem)")
+    imp.add_argument("--format", choices=IMPORT_FORMATS, default="auto",
+                     help="the source's format (default: from its name and first bytes)")
+    imp.add_argument("--layer", type=non_negative_int,
+                     help="a tensor file holding one vector: the decoder layer whose output it steers")
+    imp.add_argument("--feature", type=non_negative_int, help="an SAE: the feature whose decoder row to import")
+    exp = pack_sub.add_parser("export", help="a steer pack's residual vectors in another tool's format")
+    exp.add_argument("file", help="a .safetensors steer pack")
+    exp.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                     help="gguf: a llama.cpp/repeng control vector; svec: IBM activation-steering")
+    exp.add_argument("--out", required=True, help="the file to write")
     return parser
 
 
@@ -226,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         return _run_eval(args)
     if args.command == "pack":
-        return _run_pack_inspect(args)
+        run = {"inspect": _run_pack_inspect, "import": _run_pack_import, "export": _run_pack_export}
+        return run[args.pack_command](args)
     from vllm_steer.demo import run_demo
 
     return run_demo(workdir=args.workdir, plumbing=args.plumbing, family=args.family, max_tokens=args.max_tokens)
@@ -538,16 +560,85 @@ def _run_eval(args) -> int:
 # -- pack inspect -------------------------------------------------------------------------------------
 def _run_pack_inspect(args) -> int:
     import json
+    import os
 
     from vllm_steer.errors import SteeringError
     from vllm_steer.pack import load_pack
     from vllm_steer.pack.summary import format_pack_summary, pack_summary
 
+    prog = "vllm-steer pack inspect"
     try:
-        summary = pack_summary(load_pack(args.file))
-    except SteeringError as exc:
-        return _fail("vllm-steer pack inspect", exc, {})
+        if not args.file.endswith(".safetensors") and os.path.exists(args.file):
+            raise UserError(args.file, "not a steer pack (.safetensors); another tool's vectors become one with "
+                                       "`vllm-steer pack import FILE --model MODEL --out PACK.safetensors`")
+        pack = load_pack(args.file)
+        facts = _model_facts(args.model) if args.model is not None else None
+    except (SteeringError, UserError) as exc:
+        return _fail(prog, exc, {"model": "--model"})
+    summary = pack_summary(pack)
+    if facts is not None:
+        summary["fits_model"] = {"model": args.model, "mismatches": pack.manifest.model.mismatches(facts.shape)}
     print(json.dumps(summary, indent=2, default=str) if args.json else format_pack_summary(summary))
+    if facts is not None and summary["fits_model"]["mismatches"]:
+        print(f"{prog}: pack {pack.name!r} does not fit {args.model}: "
+              + "; ".join(summary["fits_model"]["mismatches"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+# fields named after a flag; a PackError about the file or a layer in it starts with the file's path
+PACK_IO_FLAGS = {"model": "--model", "out": "--out", "name": "--name", "--layer": "--layer", "--feature": "--feature",
+                 "--format": "--format"}
+
+
+def _run_pack_import(args) -> int:
+    from pathlib import Path
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.fit.pipeline import check_pack_name, check_pack_path
+    from vllm_steer.interop.formats import read_vectors
+    from vllm_steer.interop.layer_vectors import residual_pack
+    from vllm_steer.pack import save_pack
+
+    prog = "vllm-steer pack import"
+    try:
+        out = check_pack_path(args.out)
+        name = args.name or out.stem
+        check_pack_name(name)
+        vectors = read_vectors(args.source, args.format, layer=args.layer, feature=args.feature)
+        facts = _model_facts(args.model)
+        pack = residual_pack(vectors, facts.shape, name, Path(args.source).name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_pack(out, pack)
+    except (SteeringError, UserError, OSError) as exc:
+        if isinstance(exc, OSError):
+            exc = UserError("--out", f"cannot write {args.out}: {exc.strerror or exc}")
+        return _fail(prog, exc, PACK_IO_FLAGS)
+    print(f"{out}: pack {name!r}, residual vectors at layers {sorted(vectors.vectors)} "
+          f"({vectors.layer_mapping}); steer with {{\"pack\": \"{name}\", \"method\": \"residual\", \"alpha\": 1.0}}")
+    return 0
+
+
+def _run_pack_export(args) -> int:
+    from pathlib import Path
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.interop.formats import write_vectors
+    from vllm_steer.pack import load_pack
+
+    prog = "vllm-steer pack export"
+    try:
+        pack = _load(load_pack, args.file, "pack")
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError("--out", f"{out} is a folder; name the file to write")
+        written = write_vectors(pack, out, args.format)
+    except (SteeringError, UserError, OSError) as exc:
+        if isinstance(exc, OSError):
+            exc = UserError("--out", f"cannot write {args.out}: {exc.strerror or exc}")
+        return _fail(prog, exc, PACK_IO_FLAGS)
+    print(f"{written}: {args.format} with the residual vectors of pack {pack.name!r} at layers "
+          f"{pack.residual_layers.tolist()}")
     return 0
 
 

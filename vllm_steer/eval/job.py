@@ -51,6 +51,8 @@ class Setting:
         if self.spec is None:
             return "none"
         spec = self.spec
+        if spec.get("method") == "off":
+            return "off"
         knobs = ", ".join(f"{k}={spec[k]}" for k in sorted(spec) if k not in ("pack", "method", "alpha"))
         return f"{spec.get('method', 'iti')} {spec.get('pack')} alpha={spec.get('alpha', 1.0)}" + (
             f" ({knobs})" if knobs else "")

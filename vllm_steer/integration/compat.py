@@ -112,6 +112,11 @@ REQUIRED: tuple[Needed, ...] = (
     Needed(_RUNNER, "GPUModelRunner._prepare_inputs", ("self", "scheduler_output")),
     Needed(_RUNNER, "GPUModelRunner._update_states", ("self", "scheduler_output")),
     Needed(_RUNNER, "GPUModelRunner.sample_tokens", ("self",)),
+    # pipeline parallelism (worker.py, pipeline_stages.py)
+    Needed(_RUNNER, "GPUModelRunner.execute_model", ("self", "scheduler_output", "intermediate_tensors")),
+    Needed("vllm.v1.core.sched.output", "CachedRequestData.num_output_tokens"),
+    Needed("vllm.distributed", "get_pp_group"),
+    Needed("vllm.distributed.utils", "get_pp_indices", ("num_hidden_layers", "pp_rank", "pp_size")),
     Needed("vllm.v1.worker.worker_base", "WorkerBase"),
     Needed("vllm.distributed", "tensor_model_parallel_all_reduce"),
     Needed("vllm.distributed", "get_tensor_model_parallel_rank"),

@@ -100,7 +100,14 @@ def format_pack_summary(summary: dict[str, Any]) -> str:
     fit = _fit_line(summary["metadata"])
     if fit:
         lines.append(("fit", fit))
+    imported = summary["metadata"].get("imported_from")
+    if isinstance(imported, dict):
+        lines.append(("imported", f"{imported.get('format')} {imported.get('file')}: {imported.get('layer_mapping')}"))
     lines.append(("digest", f"sha256 {summary['digest']}"))
+    fits = summary.get("fits_model")
+    if fits is not None:
+        lines.append(("fits model", f"{fits['model']}: " + ("yes" if not fits["mismatches"] else
+                                                          "NO: " + "; ".join(fits["mismatches"]))))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k + ':':<{width + 2}}{v}" for k, v in lines)
 
