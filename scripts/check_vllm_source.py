@@ -46,19 +46,27 @@ def _params(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str, ...]:
     return tuple(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs])
 
 
-def _lookup(src: Source, module: str, name: str, depth: int = 0):
-    """The AST node defining ``name`` at the top of ``module`` (following imports), or None."""
-    tree = src.module(module)
-    if tree is None or depth > 6:
-        return None
-    package = module if src.read(module.replace(".", "/") + "/__init__.py") is not None else module.rpartition(".")[0]
-    for node in tree.body:
+def _defined_in(body: list[ast.stmt], name: str):
+    """The statement of ``body`` (a module's or a class's) that defines ``name``, or None."""
+    for node in body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             return node
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 return node
+    return None
+
+
+def _lookup(src: Source, module: str, name: str, depth: int = 0):
+    """The AST node defining ``name`` at the top of ``module`` (following imports), or None."""
+    tree = src.module(module)
+    if tree is None or depth > 6:
+        return None
+    package = module if src.read(module.replace(".", "/") + "/__init__.py") is not None else module.rpartition(".")[0]
+    defined = _defined_in(tree.body, name)
+    if defined is not None:
+        return defined
     for node in tree.body:
         if isinstance(node, ast.ImportFrom):
             origin = node.module or ""
@@ -76,13 +84,9 @@ def _lookup(src: Source, module: str, name: str, depth: int = 0):
 def _member(src: Source, module: str, cls: ast.ClassDef, name: str, depth: int = 0):
     """``name`` defined in ``cls`` or, failing that, in a base class named in its bases that ``module``
     defines or imports (the methods a subclass inherits)."""
-    for item in cls.body:
-        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and item.name == name:
-            return item
-        if isinstance(item, (ast.Assign, ast.AnnAssign)):
-            targets = item.targets if isinstance(item, ast.Assign) else [item.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                return item
+    defined = _defined_in(cls.body, name)
+    if defined is not None:
+        return defined
     if depth > 6:
         return None
     for base in cls.bases:

@@ -591,6 +591,11 @@ PACK_IO_FLAGS = {"model": "--model", "out": "--out", "name": "--name", "--layer"
                  "--format": "--format"}
 
 
+def _as_out_error(exc: Exception, out: str) -> Exception:
+    """An OSError while writing becomes --out's error; others pass through."""
+    return UserError("--out", f"cannot write {out}: {exc.strerror or exc}") if isinstance(exc, OSError) else exc
+
+
 def _run_pack_import(args) -> int:
     from pathlib import Path
 
@@ -611,9 +616,7 @@ def _run_pack_import(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_pack(out, pack)
     except (SteeringError, UserError, OSError) as exc:
-        if isinstance(exc, OSError):
-            exc = UserError("--out", f"cannot write {args.out}: {exc.strerror or exc}")
-        return _fail(prog, exc, PACK_IO_FLAGS)
+        return _fail(prog, _as_out_error(exc, args.out), PACK_IO_FLAGS)
     print(f"{out}: pack {name!r}, residual vectors at layers {sorted(vectors.vectors)} "
           f"({vectors.layer_mapping}); steer with {{\"pack\": \"{name}\", \"method\": \"residual\", \"alpha\": 1.0}}")
     return 0
@@ -634,9 +637,7 @@ def _run_pack_export(args) -> int:
             raise UserError("--out", f"{out} is a folder; name the file to write")
         written = write_vectors(pack, out, args.format)
     except (SteeringError, UserError, OSError) as exc:
-        if isinstance(exc, OSError):
-            exc = UserError("--out", f"cannot write {args.out}: {exc.strerror or exc}")
-        return _fail(prog, exc, PACK_IO_FLAGS)
+        return _fail(prog, _as_out_error(exc, args.out), PACK_IO_FLAGS)
     print(f"{written}: {args.format} with the residual vectors of pack {pack.name!r} at layers "
           f"{pack.residual_layers.tolist()}")
     return 0
