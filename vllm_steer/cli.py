@@ -1,4 +1,5 @@
-"""The ``vllm-steer`` command: fit steer packs, evaluate steering settings, inspect packs, run the demo.
+"""The ``vllm-steer`` command: fit steer packs, evaluate steering settings, inspect, import and export
+packs, run the demo.
 
 A mistake in what the user gave (a flag out of range, a missing or bad file, a model folder that is
 not a checkpoint, a length the model does not allow, an unreachable Ray cluster) ends with one
@@ -108,7 +109,8 @@ def _version_text() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vllm-steer", description="Fit steer packs, evaluate steering settings, inspect packs, run the demo.")
+        prog="vllm-steer", description="Fit steer packs, evaluate steering settings, inspect, import and export "
+                                       "packs, run the demo.")
     parser.add_argument("--version", action="store_true", help="print vllm-steer's and vLLM's versions")
     sub = parser.add_subparsers(dest="command")
 
@@ -194,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ray-address", help="an existing Ray cluster, host:port (default: a local one)")
     _engine_flags(ev)
 
-    pack = sub.add_parser("pack", help="steer-pack tools")
+    pack = sub.add_parser("pack", help="steer-pack tools: inspect, import, export")
     pack_sub = pack.add_subparsers(dest="pack_command", required=True)
     inspect = pack_sub.add_parser("inspect", help="what a steer pack holds: model shape, methods, heads, "
                                                   "layers, probes, L2S, digest")
@@ -557,7 +559,7 @@ def _run_eval(args) -> int:
     return 0
 
 
-# -- pack inspect -------------------------------------------------------------------------------------
+# -- pack inspect | import | export -------------------------------------------------------------------
 def _run_pack_inspect(args) -> int:
     import json
     import os
