@@ -1,6 +1,6 @@
 """A user's mistake in any command line ends with one message naming the flag or file, exit code 2,
-and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect | pack import | pack export`` and ``vllm serve
---steering-*``.
+and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect | pack import | pack export`` and
+``vllm serve --steering-*``.
 
 Every case runs the installed command in a subprocess; all are caught before an engine starts, so
 the cases run side by side (four subprocesses at a time; about a minute on 2 idle cores, most of it
