@@ -281,6 +281,11 @@ def test_cli_import_inspect_export(tiny_model, tmp_path):
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert json.loads(wrong.stdout)["fits_model"]["mismatches"] and "architecture: pack has 'LlamaForCausalLM'" in wrong.stderr
 
+    other_family = write_gguf(tmp_path / "mistral.gguf", {1: _vec(1)}, model_hint="mistral")
+    noted = run("pack", "import", str(other_family), "--model", model, "--out", str(tmp_path / "m.safetensors"))
+    assert noted.returncode == 0 and "mistral.gguf says it was made for a 'mistral' model" in noted.stderr
+    assert "note:" not in done.stderr  # the repeng-style hint "llama" matches LlamaForCausalLM
+
     exported = run("pack", "export", str(tmp_path / "packs" / "calm.safetensors"), "--format", "gguf",
                    "--out", str(tmp_path / "back.gguf"))
     assert exported.returncode == 0, exported.stderr[-2000:]

@@ -604,6 +604,7 @@ def _run_pack_import(args) -> int:
     from vllm_steer.errors import SteeringError
     from vllm_steer.fit.pipeline import check_pack_name, check_pack_path
     from vllm_steer.interop.formats import read_vectors
+    from vllm_steer.interop.gguf_control_vector import model_hint_of
     from vllm_steer.interop.layer_vectors import residual_pack
     from vllm_steer.pack import save_pack
 
@@ -619,6 +620,12 @@ def _run_pack_import(args) -> int:
         save_pack(out, pack)
     except (SteeringError, UserError, OSError) as exc:
         return _fail(prog, _as_out_error(exc, args.out), PACK_IO_FLAGS)
+    family = vectors.metadata.get("model_hint") or vectors.metadata.get("model_type")
+    ours = model_hint_of(facts.shape.architecture)
+    if isinstance(family, str) and family.lower() != ours:
+        print(f"{prog}: note: {Path(args.source).name} says it was made for a {family!r} model; {args.model} is "
+              f"{facts.shape.architecture} ({ours!r}). The shapes fit; check the vectors are for this model",
+              file=sys.stderr)
     print(f"{out}: pack {name!r}, residual vectors at layers {sorted(vectors.vectors)} "
           f"({vectors.layer_mapping}); steer with {{\"pack\": \"{name}\", \"method\": \"residual\", \"alpha\": 1.0}}")
     return 0
