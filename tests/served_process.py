@@ -35,6 +35,17 @@ def server_command(entry: str, model: Path, packs: Path, port: int, engine_args:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *flags]
 
 
+async def post_completion(http: httpx.AsyncClient, body: dict, *, hang_up: bool = False) -> int:
+    """POST ``body`` to ``/v1/completions``; the status code. ``hang_up``: as a streaming client that
+    hangs up after the first event (200 tokens asked, so the request is still running then)."""
+    if hang_up:
+        async with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 200, "stream": True}) as r:
+            async for _ in r.aiter_lines():
+                break
+            return r.status_code
+    return (await http.post("/v1/completions", json=body)).status_code
+
+
 def metric(metrics: dict[str, float], name: str) -> float:
     """The sum of a metric over its labels."""
     return sum(v for k, v in metrics.items() if re.fullmatch(re.escape(name) + r"(\{.*\})?", k))

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import close_llm, make_llm
-from served_process import SERVED_NAME, free_port, metric, server_command, start_server
+from served_process import SERVED_NAME, free_port, metric, post_completion, server_command, start_server
 from vllm_steer.pack import build_pack, save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack, with_constant_probes
@@ -308,13 +308,7 @@ def test_bounded_load_of_mixed_requests_leaves_the_server_idle_and_clean(served)
             r = await http.post("/v1/chat/completions", json=body)
             return kind, r.status_code
         body["prompt"] = PROMPTS[i % 3] + " " * (i % 4)
-        if kind == "abort":  # a streaming client that hangs up after its first event
-            async with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 200, "stream": True}) as r:
-                async for _ in r.aiter_lines():
-                    break
-                return kind, r.status_code
-        r = await http.post("/v1/completions", json=body)
-        return kind, r.status_code
+        return kind, await post_completion(http, body, hang_up=kind == "abort")
 
     async def run_all():
         limits = httpx.Limits(max_connections=200)

@@ -97,7 +97,7 @@ def test_an_api_server_without_a_registry_refuses_to_start(monkeypatch):
 
     monkeypatch.setattr(frontend, "_REGISTRIES", {})
     with pytest.raises(ConfigError) as info:
-        openai_server.check_this_server_steers(Namespace(steering_plugin=True))
+        openai_server.check_this_server_steers()
     assert info.value.field == "--steering-plugin"
     assert "built no steering pack registry" in str(info.value) and "additional_config['steering']" in str(info.value)
 

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from conftest import close_llm, make_llm
-from served_process import SERVED_NAME, free_port, metric, server_command, start_server
+from served_process import SERVED_NAME, free_port, metric, post_completion, server_command, start_server
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack, with_constant_probes
@@ -217,13 +217,7 @@ def test_mixed_load_with_aborts_leaves_every_engine_idle(served):
             body["steering"] = SPECS["iti"] if kind == "iti" else FASB_FIRES
         if kind == "flat":
             body["vllm_xargs"] = FLAT_ITI
-        if kind == "abort":  # a streaming client that hangs up after its first event
-            async with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 200, "stream": True}) as r:
-                async for _ in r.aiter_lines():
-                    break
-                return kind, r.status_code
-        r = await http.post("/v1/completions", json=body)
-        return kind, r.status_code
+        return kind, await post_completion(http, body, hang_up=kind == "abort")
 
     async def run_all():
         async def fresh(i):  # a client (and connection) per request, so both API servers get some

@@ -272,7 +272,7 @@ async def _refresh_metrics(app) -> None:
 
 
 # -- install ----------------------------------------------------------------------------------------
-def check_this_server_steers(args: Any) -> None:
+def check_this_server_steers() -> None:
     """An API server asked to steer (``--steering-plugin``) must have built its own pack registry
     when it built its engine config; refuse to start, naming the reason, rather than answer every
     steered request with 400 (vLLM's spawned API servers, ``--api-server-count``, get the config only
@@ -296,7 +296,7 @@ def check_this_server_steers(args: Any) -> None:
 def _attach_endpoint_plugins(original, app, *args, **kwargs):
     result = original(app, *args, **kwargs)
     if _steering_enabled(getattr(app.state, "args", None)):
-        check_this_server_steers(app.state.args)
+        check_this_server_steers()
         _patch_request_classes()
         _add_routes(app)
         _collector()
