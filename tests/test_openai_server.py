@@ -111,6 +111,8 @@ def test_completions_match_offline_llm(served, offline):
         {"pack": "truthful", "method": "iti", "alpha": 8.0},
         {"pack": "plain", "alpha": -6.0, "prompt_positions": "none"},
         FASB_FIRES,
+        [{"pack": "truthful", "method": "iti", "alpha": 8.0}, {"pack": "plain", "alpha": -6.0}],  # a composition
+        [FASB_FIRES, {"pack": "plain", "alpha": 4.0}],
     ]
     steered_differs = False
     for spec in specs:
@@ -136,6 +138,13 @@ def test_completions_match_offline_llm(served, offline):
                     "vllm_xargs": {"steering_pack": "truthful", "steering_alpha": 8.0}},
     )
     ref = offline.generate([PROMPTS[0]], _offline_params(specs[1]), use_tqdm=False)[0].outputs[0]
+    assert flat.choices[0].token_ids == list(ref.token_ids)
+    # and a composition in vllm_xargs is one JSON string
+    flat = client.completions.create(
+        model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "vllm_xargs": {"steering_json": json.dumps(specs[-1])}},
+    )
+    ref = offline.generate([PROMPTS[0]], _offline_params(specs[-1]), use_tqdm=False)[0].outputs[0]
     assert flat.choices[0].token_ids == list(ref.token_ids)
 
 
@@ -206,6 +215,14 @@ BAD_REQUESTS = [
     ({"steering": {"pack": "truthful", "method": "fasb", "backtrack": 1024}}, "steering.backtrack"),
     ({"vllm_xargs": {"steering_pack": "truthful", "steering_method": "fasb", "steering_backtrack": 64,
                      "steering_max_backtracks": 8}}, "steering_max_backtracks"),
+    ({"steering": [{"pack": "truthful"}, {"pack": "nope"}]}, "steering[1].pack"),
+    ({"steering": [{"pack": "crafted", "method": "fasb"}, {"pack": "truthful", "method": "fasb"}]},
+     "steering[1].method"),
+    ({"steering": [{"pack": "plain"}, {"pack": "truthful", "method": "fasb", "backtrack": 1024}]},
+     "steering[1].backtrack"),
+    ({"vllm_xargs": {"steering_json": json.dumps([{"pack": "plain"}, {"pack": "plain", "alpha": "x"}])}},
+     "steering_json[1].alpha"),
+    ({"vllm_xargs": {"steering_json": "{"}}, "steering_json"),
 ]
 
 

@@ -1,5 +1,7 @@
 """Per-request spec parsing and its check against an engine's packs."""
 
+import json
+
 import pytest
 
 from vllm_steer.errors import SpecError
@@ -133,3 +135,55 @@ def test_cache_key_separates_configs():
     a = SteeringSpec(pack="p", alpha=1.0)
     assert a.cache_key() == SteeringSpec(pack="p", alpha=1.0).cache_key()
     assert a.cache_key() != SteeringSpec(pack="p", alpha=1.5).cache_key()
+
+
+def test_a_list_is_a_composition_and_a_list_of_one_is_that_spec():
+    from vllm_steer.spec import ComposedSpec
+
+    one = parse_spec({"steering": [{"pack": "p", "alpha": 2.0}]})
+    assert one == SteeringSpec(pack="p", alpha=2.0)
+    both = parse_spec({"steering": [{"pack": "p", "alpha": 2.0}, {"pack": "q", "method": "residual"}]})
+    assert isinstance(both, ComposedSpec) and [m.pack for m in both.members] == ["p", "q"]
+    assert both.steer_start(7) == 6 and both.fasb is None and not both.monitored
+    with_fasb = parse_spec({"steering": [{"pack": "p", "method": "fasb"}, {"pack": "q", "prompt_positions": "all"}]})
+    assert with_fasb.fasb.method == "fasb" and with_fasb.monitored and with_fasb.steer_start(7) == 0
+    # the flat form's one key carries the same list as JSON text
+    flat = parse_spec({"steering_json": json.dumps([{"pack": "p", "alpha": 2.0}, {"pack": "q", "method": "residual"}])})
+    assert flat == both and flat.cache_key() == both.cache_key()
+    assert parse_spec({"steering_json": json.dumps({"pack": "p", "alpha": 2.0})}) == one
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"steering": []}, "steering"),
+    ({"steering": [{"pack": "p"}] * 17}, "steering"),
+    ({"steering": [{"pack": "p"}, "p"]}, "steering[1]"),
+    ({"steering": [{"pack": "p"}, {"pack": "q", "alpha": "x"}]}, "steering[1].alpha"),
+    ({"steering": [{"pack": "p", "method": "l2s"}, {"pack": "q", "method": "l2s"}]}, "steering[1].method"),
+    ({"steering": [{"pack": "p", "steer_from": 3}, {"pack": "q", "steer_from": 4}]}, "steering[1].steer_from"),
+    ({"steering": [{"pack": "p", "method": "fasb", "max_backtracks": 2}, {"pack": "q"}]}, "steering[0].max_backtracks"),
+    ({"steering": [{"pack": "p", "method": "fasb"}, {"pack": "q", "steer_from": 0}]}, "steering[1].steer_from"),
+    ({"steering_json": 3}, "steering_json"),
+    ({"steering_json": "[]"}, "steering_json"),
+    ({"steering_json": json.dumps([{"pack": "p"}, {"pack": "q", "alpha": "x"}])}, "steering_json[1].alpha"),
+    ({"steering_json": "[]", "steering_pack": "p"}, "steering_json"),
+])
+def test_composition_errors_name_the_member_and_field(extra, field):
+    with pytest.raises(SpecError) as e:
+        parse_spec(extra)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_member_errors_from_pack_checks_name_the_member():
+    from vllm_steer.spec import for_each_member, respell
+
+    spec = parse_spec({"steering": [{"pack": "p"}, {"pack": "q"}]})
+
+    def check(member):
+        if member.pack == "q":
+            raise SpecError("steering.pack 'q' is not loaded", field="steering.pack")
+
+    with pytest.raises(SpecError) as e:
+        for_each_member(spec, check)
+    assert e.value.field == "steering[1].pack" and str(e.value) == "steering[1].pack 'q' is not loaded"
+    flat = respell(e.value, {"steering_json": "[]"})
+    assert flat.field == "steering_json[1].pack" and str(flat).startswith("steering_json[1].pack")

@@ -95,3 +95,37 @@ def test_bad_spec_in_worker_runs_unsteered_instead_of_crashing():
     n = planner.plan_step(["z"], np.array([2]), np.array([0]), np.array([2]),
                           _args({"z": {"pack": "unknown", "alpha": 1.0}}))
     assert n == 0 and planner.table.token_slots[:2].tolist() == [0, 0]
+
+
+def test_distinct_compositions_write_each_slot_once_not_every_step(monkeypatch):
+    """Per step the planner's work is O(batch): a slot's rows are written when its request (or that
+    request's steering) changes, however many distinct compositions the batch holds; a step only
+    writes the per-token slot map."""
+    registry = PackRegistry(model=SHAPE)
+    registry.add(random_pack(SHAPE, "p", num_heads_selected=5, residual_layers=[0, 2], seed=0))
+    registry.add(random_pack(SHAPE, "q", num_heads_selected=3, residual_layers=[1, 2], seed=1))
+    layout = RankLayout(3, 4, 8, 32)
+    table = SteeringTable(layout, registry.head_layers, registry.residual_layers, max_num_tokens=64,
+                          max_num_reqs=8, device="cpu")
+    planner = StepPlanner(table, registry)
+    specs = {f"r{i}": [{"pack": "p", "alpha": 1.0 + i}, {"pack": "q", "method": "residual", "alpha": -0.5 * i},
+                       {"pack": "q", "alpha": 0.25 * i}] for i in range(8)}
+    writes = []
+    original = SteeringTable.write_sum
+    monkeypatch.setattr(SteeringTable, "write_sum", lambda self, slot, parts: (writes.append(slot),
+                                                                                 original(self, slot, parts)))
+    ids = list(specs)
+    for step in range(6):
+        planner.plan_step(ids, np.ones(8), np.full(8, 5 + step), np.full(8, 5), _args(specs))
+    assert sorted(writes) == list(range(1, 9))  # once per request, not per step
+    # each slot holds the sum of its members' rows at their alphas
+    p, q = registry.packs["p"], registry.packs["q"]
+    for i in range(8):
+        torch.testing.assert_close(table.residual_rows_of(2)[i + 1], -0.5 * i * q.residual_vectors[1])
+        expected = torch.zeros(len(table.head_layers), 4 * 8)
+        for pack, alpha in ((p, 1.0 + i), (q, 0.25 * i)):
+            for k, (layer, head) in enumerate(pack.selected_heads):
+                row = table.head_layers.index(layer)
+                expected[row, head * 8:(head + 1) * 8] += alpha * pack.head_sigmas[k] * pack.head_directions[k]
+        torch.testing.assert_close(table.head_rows[:, i + 1], expected)
+    assert table.token_slots[:8].tolist() == list(range(1, 9))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_steer.errors import SpecError
-from vllm_steer.spec import MAX_BACKTRACK, SteeringSpec
+from vllm_steer.spec import MAX_BACKTRACK, Steering, SteeringSpec, for_each_member
 
 DEFAULT_MAX_BACKTRACKS = 8
 DEFAULT_MAX_BACKTRACK_TOKENS = 64
@@ -34,8 +34,12 @@ class OperatorLimits(BaseModel):
         "(backtrack * max_backtracks, its worst case)",
     )
 
-    def check(self, spec: SteeringSpec) -> None:
-        """Raise SpecError naming the field when ``spec`` asks for more than these limits allow."""
+    def check(self, spec: Steering) -> None:
+        """Raise SpecError naming the field when ``spec`` (or a member of a composition) asks for more
+        than these limits allow."""
+        for_each_member(spec, self._check_one)
+
+    def _check_one(self, spec: SteeringSpec) -> None:
         if not spec.monitored:
             return
         if spec.max_backtracks > self.max_backtracks:

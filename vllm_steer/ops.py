@@ -58,21 +58,25 @@ def l2s_predict(
     residual: torch.Tensor,
     rows: torch.Tensor,
     slots: torch.Tensor,
+    scales: torch.Tensor,
     w_in: torch.Tensor,
     b_in: torch.Tensor,
     w_out: torch.Tensor,
     out_rows: torch.Tensor,
 ) -> None:
     """L2S in the prefill step: for each i with ``slots[i] != 0``,
-    ``out_rows[slots[i]] = w_out @ tanh(w_in @ x + b_in)`` with ``x = hidden[rows[i]] + residual[rows[i]]``
-    (the residual stream after the layer). Fixed shapes, no host sync: inactive entries (slot 0)
-    rewrite row 0 with its own value."""
+    ``out_rows[slots[i]] += scales[i] * (w_out @ tanh(w_in @ x + b_in))`` with
+    ``x = hidden[rows[i]] + residual[rows[i]]`` (the residual stream after the layer). The row holds
+    what the slot's other steering adds at that layer (zero without a composition), so the sum is
+    the slot's row. Fixed shapes, no host sync: inactive entries (slot 0) rewrite row 0 with its own
+    value."""
     x = hidden[rows].float() + residual[rows].float()
     y = torch.tanh(x @ w_in.t() + b_in) @ w_out.t()
     active = (slots != 0).unsqueeze(1)
-    out_rows.index_copy_(0, slots, torch.where(active, y, out_rows[slots]))
+    current = out_rows[slots]
+    out_rows.index_copy_(0, slots, torch.where(active, current + scales.unsqueeze(1) * y, current))
 
 
 @l2s_predict.register_fake
-def _l2s_predict_fake(hidden, residual, rows, slots, w_in, b_in, w_out, out_rows) -> None:
+def _l2s_predict_fake(hidden, residual, rows, slots, scales, w_in, b_in, w_out, out_rows) -> None:
     return None

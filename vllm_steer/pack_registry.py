@@ -9,7 +9,7 @@ from vllm_steer.config import SteeringConfig
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.errors import ConfigError, SpecError
 from vllm_steer.pack import ModelShape, SteerPack, load_pack
-from vllm_steer.spec import SteeringSpec, clip
+from vllm_steer.spec import Steering, SteeringSpec, clip, for_each_member
 
 
 def without_paths(value):
@@ -85,6 +85,11 @@ class PackRegistry:
     @property
     def l2s_packs(self) -> list[SteerPack]:
         return [p for p in self.packs.values() if p.manifest.l2s is not None]
+
+    def resolve_all(self, spec: Steering) -> list[SteerPack | None]:
+        """Each member's pack (one for a plain spec), each checked as ``resolve`` checks a spec; an
+        error names the member (``steering[1].pack``)."""
+        return for_each_member(spec, self.resolve)
 
     def resolve(self, spec: SteeringSpec) -> SteerPack | None:
         """Check ``spec`` against the loaded packs; returns its pack (None for method 'off')."""

@@ -13,13 +13,25 @@ Two spellings are accepted:
 Both parse into one frozen ``SteeringSpec``. ``resolve_spec`` then checks it against the packs an
 engine has loaded, so an unknown pack or a head the pack does not steer is refused before the
 request enters the engine.
+
+A request may also carry a *composition*: a list of specs, summed per position (``ComposedSpec``)::
+
+      extra_args={"steering": [{"pack": "truthful", "method": "iti", "alpha": 8.0},
+                               {"pack": "polite", "method": "residual", "alpha": 2.0, "layers": [3]}]}
+
+and, flat, the same list (or one object) as a JSON string in ``steering_json``::
+
+      extra_args={"steering_json": '[{"pack": "truthful", "alpha": 8.0}, {"pack": "polite", ...}]'}
+
+Errors in a member name it by its index: ``steering[1].alpha`` (``steering_json[1].alpha``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
@@ -27,6 +39,8 @@ from vllm_steer.errors import SpecError
 
 SPEC_KEY = "steering"
 FLAT_PREFIX = "steering_"
+JSON_KEY = "steering_json"  # the flat form's one key for a composition (or any spec) as JSON text
+MAX_COMPOSED = 16  # specs in one composition
 MAX_ABS_ALPHA = 1e4
 
 SteerMethod = Literal["iti", "residual", "fasb", "l2s", "mean_s", "off"]
@@ -154,6 +168,16 @@ class SteeringSpec(BaseModel):
         """FASB: the number of generated tokens from which every step is checked."""
         return self.min_tokens if self.min_tokens is not None else max(self.backtrack, 1)
 
+    @property
+    def members(self) -> tuple[SteeringSpec, ...]:
+        """The specs this request's steering is the sum of: itself (a ``ComposedSpec`` has several)."""
+        return (self,)
+
+    @property
+    def fasb(self) -> SteeringSpec | None:
+        """The member the probes monitor and backtracks steer, if any."""
+        return self if self.monitored else None
+
     def cache_key(self) -> str:
         """A canonical string: two specs with the same key steer identically."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -173,11 +197,140 @@ class SteeringSpec(BaseModel):
         return num_prompt_tokens
 
 
-def field_name(names: list[str], flat: bool) -> str:
-    """The field as the client spelled it: ``steering.alpha`` (nested) or ``steering_alpha`` (flat)."""
-    if not names:
-        return SPEC_KEY
-    return FLAT_PREFIX + ".".join(names) if flat else ".".join([SPEC_KEY, *names])
+@dataclass(frozen=True)
+class ComposedSpec:
+    """Several specs on one request, their steering summed per position (``parse_spec`` builds it
+    from a list and checks the rules below; a list of one is that spec, not a composition).
+
+    * At most one FASB member and one L2S member.
+    * Every member but the FASB one steers the same positions (``prompt_positions`` /
+      ``steer_from``): a request has one steering slot per position, holding the members' sum.
+    * With a FASB member, the others steer from the last prompt token (``"last"``) or every prompt
+      token (``"all"``), and the FASB member keeps ``strength="code"`` and ``max_backtracks <= 1``:
+      after its backtrack the request's positions use a second slot holding the others' sum plus
+      the FASB heads at the backtrack's strength, so that strength is one number.
+    """
+
+    members: tuple[SteeringSpec, ...]
+
+    @property
+    def active(self) -> bool:
+        return any(m.active for m in self.members)
+
+    @property
+    def monitored(self) -> bool:
+        return any(m.monitored for m in self.members)
+
+    @property
+    def method(self) -> str:
+        return "composed"
+
+    @property
+    def fasb(self) -> SteeringSpec | None:
+        return next((m for m in self.members if m.monitored), None)
+
+    def cache_key(self) -> str:
+        return json.dumps([m.model_dump(mode="json") for m in self.members], sort_keys=True, separators=(",", ":"))
+
+    def steer_start(self, num_prompt_tokens: int) -> int | None:
+        """The first position the members other than FASB steer (they share it); None when only
+        a FASB member is active."""
+        starts = [m.steer_start(num_prompt_tokens) for m in self.members if m.active and not m.monitored]
+        return min(starts) if starts else None
+
+    def model_dump(self, mode: str = "json") -> list[dict]:
+        """The composition as plain data (the list form ``parse_spec`` reads back)."""
+        return [m.model_dump(mode=mode) for m in self.members]
+
+
+Steering = Union[SteeringSpec, ComposedSpec]
+_T = TypeVar("_T")
+
+
+def member_error(exc: SpecError, index: int) -> SpecError:
+    """``exc`` about one member, respelled to name it: ``steering.alpha`` -> ``steering[1].alpha``."""
+    field = exc.field or SPEC_KEY
+    named = f"{SPEC_KEY}[{index}]"
+    field = named + field[len(SPEC_KEY):] if field.startswith(SPEC_KEY + ".") or field == SPEC_KEY else field
+    message = re.sub(rf"\b{SPEC_KEY}\.(\w)", rf"{named}.\1", str(exc))
+    return type(exc)(message, field=field)
+
+
+def for_each_member(spec: Steering, check: Callable[[SteeringSpec], _T]) -> list[_T]:
+    """``check`` on each member; a SpecError it raises names the member (``steering[i].field``)
+    when ``spec`` is a composition."""
+    if isinstance(spec, SteeringSpec):
+        return [check(spec)]
+    results = []
+    for i, member in enumerate(spec.members):
+        try:
+            results.append(check(member))
+        except SpecError as exc:
+            raise member_error(exc, i) from None
+    return results
+
+
+def _check_composition(members: Sequence[SteeringSpec]) -> None:
+    """The rules of ``ComposedSpec``; SpecError naming the member's field."""
+    first_of: dict[str, int] = {}
+    for i, m in enumerate(members):
+        if m.method in ("fasb", "l2s"):
+            if m.method in first_of:
+                raise SpecError(
+                    f"invalid steering spec: {SPEC_KEY}[{i}].method: a request may compose at most one "
+                    f"{m.method!r} spec ({SPEC_KEY}[{first_of[m.method]}] is one)",
+                    field=f"{SPEC_KEY}[{i}].method",
+                )
+            first_of[m.method] = i
+    steered = [(i, m) for i, m in enumerate(members) if m.method not in ("fasb", "off")]
+    positions = {(m.prompt_positions, m.steer_from) for _, m in steered}
+    if len(positions) > 1:
+        i0, m0 = steered[0]
+        i, m = next((i, m) for i, m in steered if (m.prompt_positions, m.steer_from) != (m0.prompt_positions, m0.steer_from))
+        name = "steer_from" if m.steer_from is not None or m0.steer_from is not None else "prompt_positions"
+
+        def where(mm: SteeringSpec) -> str:
+            return f"steer_from {mm.steer_from}" if mm.steer_from is not None else f"prompt_positions {mm.prompt_positions!r}"
+
+        raise SpecError(
+            f"invalid steering spec: {SPEC_KEY}[{i}].{name}: the members of a composition steer the same "
+            f"positions (one slot per position holds their sum); {SPEC_KEY}[{i0}] has {where(m0)}, "
+            f"{SPEC_KEY}[{i}] has {where(m)}",
+            field=f"{SPEC_KEY}[{i}].{name}",
+        )
+    if "fasb" not in first_of or not steered:
+        return
+    f = first_of["fasb"]
+    fasb = members[f]
+    if fasb.strength != "code":
+        raise SpecError(
+            f"invalid steering spec: {SPEC_KEY}[{f}].strength: in a composition FASB steers at one strength "
+            "per backtrack ('code'); 'paper' re-sets it every token, which only a FASB spec on its own can do",
+            field=f"{SPEC_KEY}[{f}].strength",
+        )
+    if fasb.max_backtracks > 1:
+        raise SpecError(
+            f"invalid steering spec: {SPEC_KEY}[{f}].max_backtracks: in a composition FASB backtracks at most "
+            f"once (got {fasb.max_backtracks}); more backtracks need a FASB spec on its own",
+            field=f"{SPEC_KEY}[{f}].max_backtracks",
+        )
+    i, m = steered[0]
+    if m.steer_from is not None or m.prompt_positions == "none":
+        name = "steer_from" if m.steer_from is not None else "prompt_positions"
+        raise SpecError(
+            f"invalid steering spec: {SPEC_KEY}[{i}].{name}: next to a FASB spec the other members steer from the "
+            "last prompt token ('last') or every prompt token ('all'), where FASB's backtracks never reach",
+            field=f"{SPEC_KEY}[{i}].{name}",
+        )
+
+
+def field_name(names: list[str], root: str = SPEC_KEY) -> str:
+    """The field as the client spelled it: ``steering.alpha`` under the nested ``root`` (or
+    ``steering[1].alpha``, ``steering_json.alpha``), ``steering_alpha`` for flat keys (``root`` is
+    ``FLAT_PREFIX``)."""
+    if root == FLAT_PREFIX:
+        return FLAT_PREFIX + ".".join(names) if names else SPEC_KEY
+    return ".".join([root, *names])
 
 
 def respell_flat(exc: SpecError) -> SpecError:
@@ -190,7 +343,24 @@ def respell_flat(exc: SpecError) -> SpecError:
     return SpecError(message, field=FLAT_PREFIX + field[len(SPEC_KEY) + 1:])
 
 
-def _raise_from_validation(exc: ValidationError, flat: bool) -> None:
+def respell_json(exc: SpecError) -> SpecError:
+    """``exc`` naming ``steering_json`` where it says ``steering``, for a spec sent as that key."""
+    field = exc.field
+    if not field or not (field == SPEC_KEY or field.startswith((SPEC_KEY + ".", SPEC_KEY + "["))):
+        return exc
+    message = re.sub(rf"\b{SPEC_KEY}(?=[.\[])", JSON_KEY, str(exc))
+    return SpecError(message, field=JSON_KEY + field[len(SPEC_KEY):])
+
+
+def respell(exc: SpecError, extra_args: Mapping[str, Any] | None) -> SpecError:
+    """``exc`` (raised about the nested spelling, e.g. by a pack check) in the spelling the client
+    used in ``extra_args``."""
+    if not is_flat(extra_args):
+        return exc
+    return respell_json(exc) if JSON_KEY in extra_args else respell_flat(exc)
+
+
+def _raise_from_validation(exc: ValidationError, root: str) -> None:
     err = exc.errors()[0]
     names = [clip(str(p), 64) for p in err["loc"] if not isinstance(p, int)]
     cause = (err.get("ctx") or {}).get("error")
@@ -199,7 +369,7 @@ def _raise_from_validation(exc: ValidationError, flat: bool) -> None:
         message = str(cause)
     else:
         message = err["msg"]
-    field = field_name(names, flat)
+    field = field_name(names, root)
     value = err.get("input")
     shown = f" (got {clip(repr(value))})" if not isinstance(value, (dict, list)) else ""
     raise SpecError(f"invalid steering spec: {field}: {message}{shown}", field=field) from None
@@ -221,12 +391,73 @@ def _unflatten(extra_args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_flat(extra_args: Mapping[str, Any] | None) -> bool:
-    """Whether ``extra_args`` carries its spec as flat ``steering_*`` keys."""
+    """Whether ``extra_args`` carries its spec as flat ``steering_*`` keys (``steering_json`` included)."""
     return bool(extra_args) and SPEC_KEY not in extra_args and any(k.startswith(FLAT_PREFIX) for k in extra_args)
 
 
-def parse_spec(extra_args: Mapping[str, Any] | None) -> SteeringSpec | None:
-    """Parse the spec from ``SamplingParams.extra_args``; None when the request asks for none."""
+def _one_spec(raw: Any, root: str) -> SteeringSpec:
+    if isinstance(raw, SteeringSpec):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"invalid steering spec: {root} must be an object, got {type(raw).__name__}", field=root)
+    try:
+        return SteeringSpec.model_validate(dict(raw))
+    except ValidationError as exc:
+        _raise_from_validation(exc, root)
+    raise AssertionError("unreachable")
+
+
+def _spec_or_composition(raw: Any, root: str) -> Steering:
+    """A spec from an object, a composition from a list of them (a list of one: that spec)."""
+    if isinstance(raw, ComposedSpec):
+        return raw
+    if not isinstance(raw, (list, tuple)):
+        if not isinstance(raw, (Mapping, SteeringSpec)):
+            raise SpecError(
+                f"invalid steering spec: {root} must be an object or a list of objects, got {type(raw).__name__}",
+                field=root,
+            )
+        return _one_spec(raw, root)
+    if not 1 <= len(raw) <= MAX_COMPOSED:
+        raise SpecError(
+            f"invalid steering spec: {root} lists {len(raw)} specs; a composition has 1 to {MAX_COMPOSED}",
+            field=root,
+        )
+    members = tuple(_one_spec(item, f"{root}[{i}]") for i, item in enumerate(raw))
+    if len(members) == 1:
+        return members[0]
+    try:
+        _check_composition(members)
+    except SpecError as exc:
+        raise (respell_json(exc) if root == JSON_KEY else exc) from None
+    return ComposedSpec(members)
+
+
+def _from_json_key(extra_args: Mapping[str, Any]) -> Steering:
+    others = sorted(k for k in extra_args if k.startswith(FLAT_PREFIX) and k != JSON_KEY)
+    if others:
+        raise SpecError(
+            f"give the steering spec either as {JSON_KEY} or as other steering_* keys, not both "
+            f"(also got {clip(', '.join(others))})",
+            field=JSON_KEY,
+        )
+    text = extra_args[JSON_KEY]
+    if not isinstance(text, str):
+        raise SpecError(
+            f"invalid steering spec: {JSON_KEY} must be a string of JSON (an object or a list of them), "
+            f"got {type(text).__name__}",
+            field=JSON_KEY,
+        )
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise SpecError(f"invalid steering spec: {JSON_KEY} is not JSON: {clip(str(exc))}", field=JSON_KEY) from None
+    return _spec_or_composition(raw, JSON_KEY)
+
+
+def parse_spec(extra_args: Mapping[str, Any] | None) -> Steering | None:
+    """Parse the spec (or composition) from ``SamplingParams.extra_args``; None when the request
+    asks for none."""
     if not extra_args:
         return None
     nested = extra_args.get(SPEC_KEY)
@@ -239,19 +470,7 @@ def parse_spec(extra_args: Mapping[str, Any] | None) -> SteeringSpec | None:
             field=SPEC_KEY,
         )
     if nested is not None:
-        if isinstance(nested, SteeringSpec):
-            return nested
-        if not isinstance(nested, Mapping):
-            raise SpecError(
-                f"invalid steering spec: steering must be an object, got {type(nested).__name__}",
-                field=SPEC_KEY,
-            )
-        raw = dict(nested)
-    else:
-        raw = _unflatten(extra_args)
-    try:
-        return SteeringSpec.model_validate(raw)
-    except ValidationError as exc:
-        _raise_from_validation(exc, flat=nested is None)
-    raise AssertionError("unreachable")
-
+        return _spec_or_composition(nested, SPEC_KEY)
+    if JSON_KEY in extra_args:
+        return _from_json_key(extra_args)
+    return _one_spec(_unflatten(extra_args), FLAT_PREFIX)

@@ -44,7 +44,7 @@ Strength per position (``strength=``; every position keeps the KV it was compute
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,10 +186,13 @@ def _truncate_cache(cache, n: int):
 @torch.no_grad()
 def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10, min_tokens=None,
                   max_backtracks=1, max_tokens, eos_token_id=None, ignore_eos=True,
-                  strength="code") -> FasbTrace:
+                  strength="code", extra_hooks=None) -> FasbTrace:
     """FASB greedy decoding with a KV cache (semantics in the module docstring).
 
-    ``strength``: "code" (one strength per trigger) or "paper" (re-evaluated every step)."""
+    ``strength``: "code" (one strength per trigger) or "paper" (re-evaluated every step).
+    ``extra_hooks(state)``: a context manager installing more steering hooks (a composition's other
+    members) after FASB's own, reading positions from ``state["offset"]``: FASB's probes read each
+    layer before their adds too."""
     from transformers import DynamicCache
 
     if strength not in ("code", "paper"):
@@ -214,7 +217,7 @@ def fasb_generate(model, prompt_ids, pack, *, alpha, threshold=0.5, backtrack=10
     cache = DynamicCache()
     feed = prompt
     count = 0
-    with _fasb_hooks(model, pack, state):
+    with _fasb_hooks(model, pack, state), (extra_hooks(state) if extra_hooks is not None else nullcontext()):
         while True:
             out = model(input_ids=torch.tensor([feed], device=device), past_key_values=cache, use_cache=True)
             cache = out.past_key_values

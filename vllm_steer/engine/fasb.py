@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_steer.engine.count_histogram import CountHistogram
-from vllm_steer.spec import SteeringSpec
+from vllm_steer.spec import Steering, SteeringSpec
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,19 @@ class FasbUpdate:
     # this one last: what the request's KV depends on
     segments: tuple[tuple[int, float], ...] = ()
 
-    def cache_key(self, spec: SteeringSpec) -> tuple[str, int]:
+    def cache_key(self, spec: Steering, num_prompt_tokens: int = 0) -> tuple[str, int]:
         """The prefix-cache key of KV computed under this steering (see integration/prefix_cache),
-        and the first position it applies to.
+        and the first position it applies to: the first this or an earlier backtrack steered, or,
+        for a composition, the first its other members steer when that is earlier.
 
         Adaptive strengths depend on the request's own scores: its steered KV is never shared."""
         segments = self.segments or ((self.steer_from, self.strength),)
         own = f"|request:{self.req_id}" if self.adaptive else ""
-        return (f"{spec.cache_key()}|fasb:{list(segments)!r}{own}", segments[0][0])
+        first = segments[0][0]
+        static_start = spec.steer_start(num_prompt_tokens)
+        if static_start is not None:
+            first = min(first, static_start)
+        return (f"{spec.cache_key()}|fasb:{list(segments)!r}{own}", first)
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,9 @@ class Backtrack:
 
 @dataclass
 class FasbRequest:
-    spec: SteeringSpec
+    spec: SteeringSpec  # the FASB spec (a member, when the request composes several)
     num_prompt_tokens: int
+    request_spec: Steering | None = None  # what the request asked, when that is a composition
     backtracks: int = 0
     recomputed_tokens: int = 0  # generated tokens dropped by backtracks
     released: int = 0  # generated tokens the client has been sent
@@ -122,8 +128,12 @@ class FasbController:
         self.num_recomputed_tokens = 0
         self.recomputed_per_request = CountHistogram()  # observed when a request is forgotten
 
-    def track(self, req_id: str, spec: SteeringSpec, num_prompt_tokens: int) -> None:
-        self.requests[req_id] = FasbRequest(spec, num_prompt_tokens)
+    def track(self, req_id: str, spec: Steering, num_prompt_tokens: int) -> None:
+        """Follow a request whose spec (or one member of whose composition) is FASB."""
+        fasb = spec.fasb
+        if fasb is None:
+            raise ValueError(f"request {req_id} has no FASB spec to track")
+        self.requests[req_id] = FasbRequest(fasb, num_prompt_tokens, request_spec=spec)
 
     def check(self, req_id: str, score: float, num_generated: int, final: bool) -> Backtrack | None:
         """The check after a step that left ``num_generated`` tokens and scored ``score``."""

@@ -1,6 +1,7 @@
 """Persistent device buffers that hold every running request's steering rows.
 
-Layout (S = max running requests + 1; slot 0 is the no-op row and is never written):
+Layout (S = 1 + max running requests x slots per request; slot 0 is the no-op row and is never
+written):
 
 * ``token_slots``   [max_tokens] int32 – the slot of each token of the current step (0 = unsteered,
   padding included). Rewritten in place every step.
@@ -12,7 +13,10 @@ Layout (S = max running requests + 1; slot 0 is the no-op row and is never writt
   layer in ``residual_layers``.
 
 A slot is the request's row index in the runner's persistent batch plus one, so the table can never
-run out: it has one slot per batch row, and a row that changes owner is rewritten before use.
+run out: it has one slot per batch row, and a row that changes owner is rewritten before use. With
+two slots per request (engines that can run FASB, so a composition with a FASB member can be
+asked for) a request's second slot is ``second_slot(slot)``: it holds the composition's rows after
+the FASB member's backtrack, while the first keeps the rows of the positions before it.
 """
 
 from __future__ import annotations
@@ -62,11 +66,16 @@ class SteeringTable:
         max_num_tokens: int,
         max_num_reqs: int,
         device: torch.device | str,
+        slots_per_request: int = 1,
     ) -> None:
+        if slots_per_request not in (1, 2):
+            raise ValueError(f"slots_per_request must be 1 or 2, got {slots_per_request}")
         self.layout = layout
         self.head_layers = list(head_layers)
         self.residual_layers = list(residual_layers)
-        self.num_slots = max_num_reqs + 1
+        self.max_num_reqs = max_num_reqs
+        self.slots_per_request = slots_per_request
+        self.num_slots = max_num_reqs * slots_per_request + 1
         self.device = torch.device(device)
         self._head_index = {l: j for j, l in enumerate(self.head_layers)}
         self._residual_index = {l: j for j, l in enumerate(self.residual_layers)}
@@ -86,22 +95,50 @@ class SteeringTable:
     def residual_rows_of(self, layer: int) -> torch.Tensor:
         return self.residual_rows[self._residual_index[layer]]
 
+    def second_slot(self, slot: int) -> int:
+        """The request's second slot (tables with two slots per request)."""
+        if self.slots_per_request != 2:
+            raise IndexError("this steering table has one slot per request")
+        self._check_slot(slot)
+        return slot + self.max_num_reqs
+
     def write_slot(self, slot: int, spec: SteeringSpec, pack: SteerPack, alpha: float | None = None) -> None:
         """Fill ``slot`` with ``alpha`` (default: the spec's) times the spec's unit-alpha rows."""
-        if not 0 < slot < self.num_slots:
-            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
-        alpha = float(spec.alpha if alpha is None else alpha)
+        self.write_sum(slot, [(spec, pack, float(spec.alpha if alpha is None else alpha))])
+
+    def write_sum(self, slot: int, parts: list[tuple[SteeringSpec, SteerPack, float]]) -> None:
+        """Fill ``slot`` with the sum of ``alpha`` times each (spec, pack)'s unit-alpha rows (zero
+        rows when ``parts`` is empty or every alpha is 0)."""
+        self._check_slot(slot)
+        if self.head_layers:
+            self.head_rows[:, slot].zero_()
+        if self.residual_layers:
+            self.residual_rows[:, slot].zero_()
+        for spec, pack, alpha in parts:
+            self.add_to_slot(slot, spec, pack, alpha)
+
+    def add_to_slot(self, slot: int, spec: SteeringSpec, pack: SteerPack, alpha: float) -> None:
+        """Add ``alpha`` times the spec's unit-alpha rows to ``slot``."""
+        self._check_slot(slot)
         if alpha == 0.0:
-            if self.head_layers:
-                self.head_rows[:, slot].zero_()
-            if self.residual_layers:
-                self.residual_rows[:, slot].zero_()
             return
         head_base, residual_base = self._base_rows(spec, pack)
         if self.head_layers:
-            torch.mul(head_base, alpha, out=self.head_rows[:, slot])
+            self.head_rows[:, slot].add_(head_base, alpha=alpha)
         if self.residual_layers:
-            torch.mul(residual_base, alpha, out=self.residual_rows[:, slot])
+            self.residual_rows[:, slot].add_(residual_base, alpha=alpha)
+
+    def copy_slot(self, dst: int, src: int) -> None:
+        self._check_slot(dst)
+        self._check_slot(src)
+        if self.head_layers:
+            self.head_rows[:, dst].copy_(self.head_rows[:, src])
+        if self.residual_layers:
+            self.residual_rows[:, dst].copy_(self.residual_rows[:, src])
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
 
     def _base_rows(self, spec: SteeringSpec, pack: SteerPack) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at alpha = 1 for this (pack, method, subset); cached, since alphas vary far more."""

@@ -14,7 +14,7 @@ then on the slot holds the unit-alpha ITI rows and each steered token's strength
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,35 +28,64 @@ from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.errors import SteeringError
 from vllm_steer.pack import SteerPack
 from vllm_steer.pack_registry import PackRegistry
-from vllm_steer.spec import SteeringSpec, parse_spec
+from vllm_steer.spec import Steering, SteeringSpec, parse_spec
 
 logger = logging.getLogger("vllm." + __name__)  # under vLLM's logger, so its handlers show it
 NO_STEERING = np.iinfo(np.int64).max  # a steer_start no position reaches
 
 
+Member = tuple[SteeringSpec, SteerPack]
+STATIC_METHODS = ("iti", "residual", "mean_s")  # fixed rows, summed into the slot at the member's alpha
+
+
 @dataclass(frozen=True)
 class RequestSteering:
     """How one request is steered now. A new object (not a mutation) whenever that changes, so the
-    planner rewrites the request's slot."""
+    planner rewrites the request's slots.
 
-    spec: SteeringSpec
-    pack: SteerPack
-    alpha: float  # what the slot's unit-alpha rows are scaled by (0: the rows are zero)
-    steer_from: int | None  # first steered position; None: from the spec's prompt_positions
-    monitor: bool  # probe the newest token of every sampling step (FASB)
-    strength: float = 1.0  # token scale of every steered token (FASB after a backtrack)
-    # FASB: the scale of position steer_from + i (the last entry goes on for later positions), after
-    # a second backtrack, or with strength="paper" (filled as scores arrive)
+    ``added``: the members whose unit-alpha rows go into the request's slot at their own alpha
+    (ITI, residual, Mean-S). ``l2s``: the member whose predictor adds ``alpha * g(x)`` to the slot in
+    its prefill step. ``fasb``: the member the probes monitor. Its ITI heads steer from
+    ``steer_from`` once a backtrack set it: on its own, as the slot's rows at the token scale
+    ``strength`` (or the per-position ``strengths``); next to other members (``composed``), through
+    the request's second slot, which holds the first slot's rows plus the FASB heads at ``strength``.
+    """
+
+    spec: Steering
+    added: tuple[Member, ...] = ()
+    l2s: Member | None = None
+    fasb: Member | None = None
+    steer_from: int | None = None  # FASB: first position its backtrack steers (None: none yet)
+    monitor: bool = False  # probe the newest token of every sampling step (FASB)
+    strength: float = 1.0  # FASB alone: the token scale of every position it steers
+    # FASB alone: the scale of position steer_from + i (the last entry goes on for later positions),
+    # after a second backtrack, or with strength="paper" (filled as scores arrive)
     strengths: list[float] | None = None
     adaptive: bool = False  # strength="paper": each score sets the next position's scale
 
     @classmethod
-    def initial(cls, spec: SteeringSpec, pack: SteerPack) -> RequestSteering:
-        if spec.method == "fasb":
-            return cls(spec, pack, alpha=0.0, steer_from=None, monitor=True)
-        if spec.method == "l2s":  # the slot row is the predicted vector; alpha is the token scale
-            return cls(spec, pack, alpha=1.0, steer_from=None, monitor=False, strength=spec.alpha)
-        return cls(spec, pack, alpha=spec.alpha, steer_from=None, monitor=False)
+    def initial(cls, spec: Steering, packs: Sequence[SteerPack | None]) -> RequestSteering | None:
+        """The steering of a new request (``packs``: each member's, from ``PackRegistry.resolve_all``);
+        None when no member steers anything."""
+        members = [(m, p) for m, p in zip(spec.members, packs) if m.active and p is not None]
+        if not members:
+            return None
+        return cls(
+            spec,
+            added=tuple(mp for mp in members if mp[0].method in STATIC_METHODS),
+            l2s=next((mp for mp in members if mp[0].method == "l2s"), None),
+            fasb=next((mp for mp in members if mp[0].monitored), None),
+            monitor=any(m.monitored for m, _ in members),
+        )
+
+    @property
+    def composed(self) -> bool:
+        """A FASB member next to others: its backtrack's positions use the second slot."""
+        return self.fasb is not None and (bool(self.added) or self.l2s is not None)
+
+    @property
+    def fasb_alone_steers(self) -> bool:
+        return self.fasb is not None and not self.composed and self.steer_from is not None
 
     def scale_at(self, position: int) -> float:
         if self.strengths is None:
@@ -64,13 +93,21 @@ class RequestSteering:
         i = position - self.steer_from
         return self.strengths[i] if i < len(self.strengths) else self.strengths[-1]
 
+    @property
+    def scaled(self) -> bool:
+        """Whether its tokens carry a token scale other than 1 (FASB alone, after a backtrack)."""
+        return self.fasb_alone_steers and (self.strengths is not None or self.strength != 1.0)
+
     def first_steered(self, num_prompt_tokens: int) -> int:
-        if self.alpha == 0.0:
-            return NO_STEERING
-        if self.steer_from is not None:
-            return self.steer_from
-        start = self.spec.steer_start(num_prompt_tokens)
-        return NO_STEERING if start is None else start
+        """The first position whose tokens use the request's (first) slot for steering."""
+        if self.added or self.l2s is not None:
+            start = self.spec.steer_start(num_prompt_tokens)
+            return NO_STEERING if start is None else start
+        return self.steer_from if self.fasb_alone_steers else NO_STEERING
+
+    def second_steered(self) -> int:
+        """The first position that uses the second slot (a composition's FASB backtrack)."""
+        return self.steer_from if self.composed and self.steer_from is not None else NO_STEERING
 
 
 @dataclass(frozen=True)
@@ -142,11 +179,12 @@ class StepPlanner:
         try:
             spec = parse_spec(extra_args_of(req_id))
             if spec is not None and spec.active:
-                pack = self.registry.resolve(spec)
-                if pack is not None:
-                    if spec.monitored and self.probes is None:
-                        raise SteeringError("no pack of this engine has probes", field="steering.method")
-                    steering = RequestSteering.initial(spec, pack)
+                steering = RequestSteering.initial(spec, self.registry.resolve_all(spec))
+                if steering is not None and steering.monitor and self.probes is None:
+                    raise SteeringError("no pack of this engine has probes", field="steering.method")
+                if steering is not None and steering.composed and self.table.slots_per_request < 2:
+                    raise SteeringError("a composition with a FASB member needs two steering slots per "
+                                        "request, and this engine's table has one", field="steering")
         except Exception as exc:  # the front-end validates first; this only guards the worker
             self.record_failure(req_id, exc)
             return None
@@ -160,17 +198,19 @@ class StepPlanner:
         earlier backtrack keeps that backtrack's scales for them (a recompute of a partly kept KV
         block must compute them as they were)."""
         current = self.steering_of(update.req_id, extra_args_of)
-        if current is None:
-            raise SteeringError(f"FASB update for request {update.req_id}, which this worker does not steer")
+        if current is None or current.fasb is None:
+            raise SteeringError(f"FASB update for request {update.req_id}, which this worker does not steer with FASB")
         steer_from = update.steer_from
         strengths = [update.strength] if update.adaptive else None
-        if current.alpha != 0.0 and current.steer_from is not None and current.steer_from < update.steer_from:
+        if current.steer_from is not None and current.steer_from < update.steer_from:
+            if current.composed:  # the spec check allows one backtrack in a composition
+                raise SteeringError(f"second FASB backtrack of composed request {update.req_id}")
             steer_from = current.steer_from
             kept = [current.scale_at(q) for q in range(current.steer_from, update.steer_from)]
             strengths = kept + [update.strength]
-        self._requests[update.req_id] = RequestSteering(
-            current.spec, current.pack, alpha=1.0, steer_from=steer_from, monitor=update.monitor,
-            strength=update.strength, strengths=strengths, adaptive=update.adaptive,
+        self._requests[update.req_id] = replace(
+            current, steer_from=steer_from, monitor=update.monitor, strength=update.strength,
+            strengths=strengths, adaptive=update.adaptive,
         )
         self._num_adaptive += update.adaptive and not current.adaptive
 
@@ -185,7 +225,7 @@ class StepPlanner:
             steering = self._requests.get(req_id)
             if steering is None or not steering.adaptive:
                 continue
-            spec = steering.spec
+            spec = steering.fasb[0]
             i = position + 1 - steering.steer_from
             if i < 1:
                 continue
@@ -229,9 +269,11 @@ class StepPlanner:
         total = int(counts.sum())
         first_token = np.cumsum(counts) - counts
         num_prompt_of = num_prompt[:num_reqs].tolist()
-        l2s_entries: dict[str, list[tuple[int, int]]] = {name: [] for name in self.predictors}
+        l2s_entries: dict[str, list[tuple[int, int, float]]] = {name: [] for name in self.predictors}
         slot_of_req = np.zeros(num_reqs, dtype=np.int32)
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
+        second_slot_of_req = np.zeros(num_reqs, dtype=np.int32)
+        second_start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
         monitored: list[int] = []  # batch indices of monitored requests
         scaled: list[tuple[int, RequestSteering]] = []  # requests whose tokens carry a scale
         any_slot = False
@@ -252,11 +294,16 @@ class StepPlanner:
             if steering.monitor:
                 monitored.append(i)
             start_of_req[i] = start
+            second = steering.second_steered()
+            if second != NO_STEERING:
+                second_slot_of_req[i] = self.table.second_slot(i + 1)
+                second_start_of_req[i] = second
             if l2s_offset is not None:
-                l2s_entries[steering.pack.name].append((int(first_token[i]) + l2s_offset, i + 1))
-                self._l2s_pending.append((req_id, i + 1, self.predictors[steering.pack.name]))
+                member, pack = steering.l2s
+                l2s_entries[pack.name].append((int(first_token[i]) + l2s_offset, i + 1, float(member.alpha)))
+                self._l2s_pending.append((req_id, i + 1, self.predictors[pack.name]))
                 self.l2s_predictions += 1
-            if start != NO_STEERING and (steering.strengths is not None or steering.strength != 1.0):
+            if start != NO_STEERING and steering.scaled:
                 scaled.append((i, steering))
         self.monitored = self._monitored_tokens(
             req_ids, monitored, counts, first_token, num_computed, num_tokens
@@ -280,8 +327,13 @@ class StepPlanner:
             np.arange(total) - first_token[req_of_token]
         )
         token_slots = np.where(positions >= start_of_req[req_of_token], slot_of_req[req_of_token], 0)
-        if self.monitored:
-            token_slots[self.monitored.rows] = slot_of_req[self.monitored.batch_index]
+        token_slots = np.where(positions >= second_start_of_req[req_of_token], second_slot_of_req[req_of_token],
+                               token_slots)
+        if self.monitored:  # probed on the slot its position uses (the first before any steering)
+            index = self.monitored.batch_index
+            token_slots[self.monitored.rows] = np.where(
+                self.monitored.positions >= second_start_of_req[index], second_slot_of_req[index], slot_of_req[index]
+            )
         host = self._host_slots[: max(total, self._dirty_tokens)]
         host.zero_()
         host[:total] = torch.from_numpy(token_slots.astype(np.int32))
@@ -301,6 +353,28 @@ class StepPlanner:
         self._write_scales(scales, total)
         return int(np.count_nonzero(token_slots))
 
+    def _write_slots(self, req_id: str, slot: int, steering: RequestSteering) -> None:
+        """Fill the request's slot (and its second slot, after a composition's FASB backtrack)."""
+        table = self.table
+        if steering.fasb is not None and not steering.composed:  # FASB alone: its heads at the token scale
+            spec, pack = steering.fasb
+            table.write_sum(slot, [(spec, pack, 1.0)] if steering.steer_from is not None else [])
+        else:
+            table.write_sum(slot, [(spec, pack, float(spec.alpha)) for spec, pack in steering.added])
+        if steering.l2s is not None:
+            vector = self._l2s_vectors.get(req_id)  # the row it predicted (with the others' part)
+            if vector is not None:
+                self.predictors[steering.l2s[1].name].out_rows[slot].copy_(vector)
+        if steering.monitor:
+            self.probes.write_slot(slot, steering.fasb[1])
+        if steering.second_steered() != NO_STEERING:
+            second = table.second_slot(slot)
+            table.copy_slot(second, slot)
+            spec, pack = steering.fasb
+            table.add_to_slot(second, spec, pack, steering.strength)
+            if steering.monitor:
+                self.probes.write_slot(second, pack)
+
     def _plan_request(
         self,
         req_id: str,
@@ -310,28 +384,21 @@ class StepPlanner:
         num_computed: int,
         num_scheduled: int,
     ) -> tuple[RequestSteering, int, int | None] | None:
-        """One request's part of the step: (its steering, its first steered position, the offset in
-        its scheduled tokens of the last prompt token when the L2S predictor reads it this step), or
-        None when it is not steered. Writes its slot when the slot's owner or steering changed."""
+        """One request's part of the step: (its steering, the first position its slot steers, the
+        offset in its scheduled tokens of the last prompt token when the L2S predictor reads it this
+        step), or None when it is not steered. Writes its slots when their owner or steering changed."""
         steering = self.steering_of(req_id, extra_args_of)
         if steering is None:
             return None
         owner = self._slot_owner[slot]
         if owner is None or owner[0] != req_id or owner[1] is not steering:
-            self.table.write_slot(slot, steering.spec, steering.pack, alpha=steering.alpha)
-            if steering.monitor:
-                self.probes.write_slot(slot, steering.pack)
-            vector = self._l2s_vectors.get(req_id)
-            if vector is not None:
-                self.predictors[steering.pack.name].out_rows[slot].copy_(vector)
+            self._write_slots(req_id, slot, steering)
             self._slot_owner[slot] = (req_id, steering)
-        if steering.monitor and steering.alpha == 0.0:  # monitored, not steered yet
-            return steering, NO_STEERING, None
         start = steering.first_steered(num_prompt)
-        if steering.spec.method != "l2s":
+        if steering.l2s is None:
             return steering, start, None
         last_prompt = num_prompt - 1
-        if not self.predictors[steering.pack.name].same_pass:  # L' > L* (the registry refuses prompt steering)
+        if not self.predictors[steering.l2s[1].name].same_pass:  # L' > L* (the registry refuses prompt steering)
             start = max(start, last_prompt + 1)  # the vector arrives after layer L*: generated tokens only
         # L' <= L*: the first steered position (at most the last prompt token) is in the step that reads,
         # so under chunked prefill no earlier chunk carries the slot before its row is written
@@ -370,7 +437,7 @@ class StepPlanner:
         ids = [req_ids[i] for i in index.tolist()]
         by_pack: dict[str, tuple[SteerPack, list[int]]] = {}
         for m, req_id in enumerate(ids):
-            pack = self._requests[req_id].pack
+            pack = self._requests[req_id].fasb[1]
             group = by_pack.get(pack.name)
             if group is None:
                 by_pack[pack.name] = (pack, [m])

@@ -24,7 +24,7 @@ from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.integration.patching import patch
 from vllm_steer.integration.pipeline_stages import stage_split_problems
 from vllm_steer.pack_registry import PackRegistry
-from vllm_steer.spec import SPEC_KEY, SteeringSpec, is_flat, parse_spec, respell_flat
+from vllm_steer.spec import SPEC_KEY, ComposedSpec, SteeringSpec, parse_spec, respell
 
 logger = init_logger("vllm.vllm_steer")
 
@@ -51,10 +51,10 @@ def check_spec_against(params, registry: PackRegistry, config: SteeringConfig) -
         capture = parse_capture(params.extra_args)
         if spec is not None:
             try:
-                registry.resolve(spec)
+                registry.resolve_all(spec)
                 config.limits.check(spec)
             except SpecError as exc:
-                raise respell_flat(exc) if is_flat(params.extra_args) else exc from None
+                raise respell(exc, params.extra_args) from None
         if capture is not None and not config.capture:
             raise SpecError("this engine was not started with steering.capture", field=CAPTURE_KEY)
     except SpecError as exc:
@@ -160,8 +160,12 @@ def _create_engine_config(original, self, *args, **kwargs):
 
 def _verify_args(original, self) -> None:
     spec_object = (self.extra_args or {}).get(SPEC_KEY)
-    if isinstance(spec_object, SteeringSpec):  # the engine transport carries plain data only
+    # the engine transport carries plain data only
+    if isinstance(spec_object, (SteeringSpec, ComposedSpec)):
         self.extra_args = {**self.extra_args, SPEC_KEY: spec_object.model_dump(mode="json")}
+    elif isinstance(spec_object, (list, tuple)):
+        self.extra_args = {**self.extra_args, SPEC_KEY: [
+            m.model_dump(mode="json") if isinstance(m, SteeringSpec) else m for m in spec_object]}
     original(self)
     try:
         parse_spec(self.extra_args)

@@ -68,7 +68,7 @@ def _l2s_predict_after_layer(module: nn.Module, args: tuple, output):
     for prefix in module.vllm_steer_l2s_prefixes:
         torch.ops.vllm_steer.l2s_predict(
             hidden, residual, getattr(module, prefix + "rows"), getattr(module, prefix + "slots"),
-            getattr(module, prefix + "w_in"), getattr(module, prefix + "b_in"), getattr(module, prefix + "w_out"),
+            getattr(module, prefix + "scales"), getattr(module, prefix + "w_in"), getattr(module, prefix + "b_in"), getattr(module, prefix + "w_out"),
             getattr(module, prefix + "out_rows"),
         )
     return output
@@ -91,7 +91,7 @@ def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], stage_la
         prefixes = []
         for i, predictor in enumerate(group):
             prefix = f"vllm_steer_l2s{i}_"
-            for name in ("rows", "slots", "w_in", "b_in", "w_out", "out_rows"):
+            for name in ("rows", "slots", "scales", "w_in", "b_in", "w_out", "out_rows"):
                 block.register_buffer(prefix + name, getattr(predictor, name), persistent=False)
             prefixes.append(prefix)
         block.vllm_steer_l2s_prefixes = tuple(prefixes)

@@ -142,8 +142,8 @@ def _backtrack(scheduler, state: SchedulerSteering, request, backtrack: Backtrac
         grammar = getattr(structured, "grammar", None) if structured is not None else None
         if grammar is not None:
             grammar.rollback(num_drop)
-    spec = state.fasb.requests[request.request_id].spec
-    set_steering_cache_key(request, update.cache_key(spec))
+    tracked = state.fasb.requests[request.request_id]
+    set_steering_cache_key(request, update.cache_key(tracked.request_spec or tracked.spec, request.num_prompt_tokens))
     del request.block_hashes[update.steer_from // scheduler.hash_block_size :]
     request.update_block_hashes()
     if isinstance(rollback, kv_rollback.RollbackPlan):

@@ -60,6 +60,7 @@ def _attach(runner) -> None:
         )
     layout = rank_layout_of(shape)
     stage_layers = this_stage_layers(shape.num_layers)
+    probe_layers = ProbeTable.layers_of(registry.packs.values())
     table = SteeringTable(
         layout,
         head_layers=registry.head_layers,
@@ -67,8 +68,9 @@ def _attach(runner) -> None:
         max_num_tokens=runner.max_num_tokens,
         max_num_reqs=runner.max_num_reqs,
         device=runner.device,
+        # a FASB member composed with others steers its backtrack through a second slot
+        slots_per_request=2 if probe_layers else 1,
     )
-    probe_layers = ProbeTable.layers_of(registry.packs.values())
     probes = (  # under pipeline parallelism, this stage's probe layers (maybe none) of all the packs'
         ProbeTable(layout, [l for l in probe_layers if l in stage_layers], runner.max_num_tokens, table.num_slots,
                    runner.device)
@@ -281,7 +283,7 @@ def steering_stats(worker) -> dict:
         "l2s_predictions": planner.l2s_predictions,
         "l2s_repeats": planner.l2s_repeats,
         "slots_in_use": planner.num_steered_requests,
-        "slots_total": planner.table.num_slots - 1,
+        "slots_total": planner.table.max_num_reqs,  # requests that can hold a slot at once
     }
 
 
