@@ -139,6 +139,10 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
                                     "--steering-packs"),
         "serve-pack-of-another-model": ([*serve, "--steering-plugin", "--steering-packs", w["other_dir"]],
                                         "vllm serve", "does not fit"),
+        "serve-admin-key-without-plugin": ([*serve, "--steering-admin-key", "k"], "vllm serve", "--steering-plugin"),
+        "serve-admin-key-with-two-api-servers": (
+            [*serve, "--steering-plugin", "--steering-packs", w["packs_dir"], "--steering-admin-key", "k",
+             "--api-server-count", "2"], "vllm serve", "one API server"),
     }
 
 

@@ -2,7 +2,8 @@
 
 Parity is against ``tests/reference/hf_composed.py``: each member's own single-method HF reference
 hooks, all installed on one model (the FASB member through ``hf_fasb.fasb_generate``). The engine
-chunks prompts (``max_num_batched_tokens=16``) and keeps prefix caching on.
+chunks prompts (``max_num_batched_tokens=16``), keeps prefix caching on and runs eager (the ops
+run compiled in test_l2s_engine.py and test_fasb_engine.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def case(tiny_model, tmp_path_factory):
     crafted = with_constant_probes(random_pack(shape, "crafted", num_heads_selected=5, with_probes=True, seed=42,
                                                sigma_scale=4.0), CONSTANT_P)
     packs = {p.name: save_pack(folder / f"{p.name}.safetensors", p) for p in (a, b, crafted)}
-    llm = make_llm(path, packs=list(packs.values()), block_size=32, max_num_batched_tokens=16)
+    llm = make_llm(path, packs=list(packs.values()), block_size=32, max_num_batched_tokens=16, enforce_eager=True)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     yield {"llm": llm, "hf": hf, "raw": {n: load_file(str(p)) for n, p in packs.items()}}
     close_llm(llm)

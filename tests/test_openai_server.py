@@ -102,6 +102,10 @@ def test_packs_endpoint_lists_the_loaded_packs(served):
     log = served.log.read_text()
     for name in ("truthful", "crafted", "plain"):
         assert f"loaded steer pack '{name}': methods" in log
+    # packs are managed live only with --steering-admin-key (tests/test_live_packs.py)
+    upload = httpx.post(served.url + "/v1/steering/packs", content=served.packs["plain"].read_bytes(), timeout=30)
+    assert upload.status_code == 403 and "--steering-admin-key" in upload.json()["error"]["message"]
+    assert httpx.delete(served.url + "/v1/steering/packs/plain", timeout=30).status_code == 403
 
 
 def test_completions_match_offline_llm(served, offline):

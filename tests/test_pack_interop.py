@@ -236,7 +236,7 @@ def imported(tiny_model, tmp_path_factory):
         pack = residual_pack(read_vectors(source, **options), shape, name, source.name)
         packs.append(save_pack(folder / f"{name}.safetensors", pack))
         expected[name] = {layer: torch.from_numpy(v) for layer, v in layers.items()}
-    llm = make_llm(path, packs=packs)
+    llm = make_llm(path, packs=packs, enforce_eager=True)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     yield llm, hf, expected
     close_llm(llm)

@@ -29,6 +29,11 @@ class SteeringConfig(BaseModel):
         default=False,
         description="capture activations for the fit pipeline (needs enforce_eager=True and prefix caching off)",
     )
+    live_packs: bool = Field(
+        default=False,
+        description="hook every layer at start-up, so packs can be added and removed while the engine "
+        "serves (vllm serve --steering-admin-key); packs_dir may then hold no pack",
+    )
     hooked_layers: dict[str, Any] | None = Field(
         default=None,
         description="filled in by the plugin at start-up: PackRegistry.graph_key(), the layers the "
@@ -44,7 +49,7 @@ class SteeringConfig(BaseModel):
             if not folder.is_dir():
                 raise ConfigError(f"steering.packs_dir is not a folder: {folder}", field="steering.packs_dir")
             found = sorted(folder.glob("*.safetensors"))
-            if not found:
+            if not found and not self.live_packs:
                 raise ConfigError(
                     f"steering.packs_dir {folder} holds no *.safetensors steer pack", field="steering.packs_dir"
                 )

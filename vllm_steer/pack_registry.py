@@ -7,7 +7,7 @@ from pathlib import PurePath
 
 from vllm_steer.config import SteeringConfig
 from vllm_steer.engine.probe_table import ProbeTable
-from vllm_steer.errors import ConfigError, SpecError
+from vllm_steer.errors import ConfigError, PackError, SpecError
 from vllm_steer.pack import ModelShape, SteerPack, load_pack
 from vllm_steer.spec import Steering, SteeringSpec, clip, for_each_member
 
@@ -40,13 +40,42 @@ PROMPT_FORMAT_NOTES = {
 class PackRegistry:
     model: ModelShape
     packs: dict[str, SteerPack] = field(default_factory=dict)
+    # every layer gets the head (with probes) and residual ops, so packs may come and go while serving
+    live: bool = False
 
     @classmethod
     def from_config(cls, config: SteeringConfig, model: ModelShape) -> PackRegistry:
-        registry = cls(model=model)
+        registry = cls(model=model, live=config.live_packs)
         for path in config.pack_paths():
             registry.add(load_pack(path, model=model))
         return registry
+
+    def add_live(self, pack: SteerPack) -> None:
+        """Add a pack while serving (``check_live``)."""
+        self.check_live(pack)
+        self.add(pack)
+
+    def check_live(self, pack: SteerPack) -> None:
+        """Whether ``pack`` may be added while serving: it must fit, have a new name, and need no
+        hook the engine lacks (an L2S predictor is placed at start-up only)."""
+        pack.check_fits(self.model)
+        if pack.name in self.packs:
+            raise ConfigError(f"a pack named {pack.name!r} is loaded; remove it first to replace it", field="name")
+        if not self.live:
+            raise ConfigError("this engine was not started with live packs (steering.live_packs)",
+                              field="steering.live_packs")
+        if pack.manifest.l2s is not None:
+            raise PackError(
+                f"pack {pack.name!r} has an L2S predictor, whose hook is placed at start-up only: load it with "
+                "the packs at start-up (ITI, residual and probe packs can be added live)",
+                field="l2s",
+            )
+
+    def remove(self, name: str) -> SteerPack:
+        pack = self.packs.pop(name, None)
+        if pack is None:
+            raise self._unknown_pack(name)
+        return pack
 
     def add(self, pack: SteerPack) -> None:
         pack.check_fits(self.model)
@@ -59,15 +88,27 @@ class PackRegistry:
 
     @property
     def head_layers(self) -> list[int]:
-        """Layers where some pack steers a head: only these get the head-steering op."""
+        """Layers where some pack steers a head: only these get the head-steering op (every layer
+        with live packs)."""
+        if self.live:
+            return list(range(self.model.num_layers))
         return sorted({l for p in self.packs.values() for l in p.head_layers.tolist()})
 
     @property
     def residual_layers(self) -> list[int]:
         """Layers where some pack adds to the residual stream (residual vectors, L2S, Mean-S)."""
+        if self.live:
+            return list(range(self.model.num_layers))
         layers = {l for p in self.packs.values() for l in p.residual_layers.tolist()}
         layers |= {p.manifest.l2s.steer_layer for p in self.l2s_packs}
         return sorted(layers)
+
+    @property
+    def probe_layers(self) -> list[int]:
+        """Layers whose head op also probes (every layer with live packs)."""
+        if self.live:
+            return list(range(self.model.num_layers))
+        return ProbeTable.layers_of(self.packs.values())
 
     def graph_key(self) -> dict:
         """Everything the model's traced graph and the steering buffers depend on: the layers with
@@ -75,8 +116,9 @@ class PackRegistry:
         and each pack's content digest. It goes into ``additional_config``, which vLLM hashes into
         its compile-cache key, so a graph compiled for other packs is never reused."""
         return {
+            "live": self.live,
             "head": self.head_layers,
-            "probe": ProbeTable.layers_of(self.packs.values()),
+            "probe": self.probe_layers,
             "residual": self.residual_layers,
             "l2s": sorted([p.manifest.l2s.read_layer, p.manifest.l2s.steer_layer] for p in self.l2s_packs),
             "packs": {name: pack.digest() for name, pack in sorted(self.packs.items())},

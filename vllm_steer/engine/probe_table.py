@@ -71,6 +71,10 @@ class ProbeTable:
     def write_slot(self, slot: int, pack: SteerPack) -> None:
         self.probe_rows[:, slot].copy_(self._probes(pack).weight_row)
 
+    def forget_pack(self, name: str) -> None:
+        """Drop the cached probes of pack ``name`` (removed while serving)."""
+        self._packs.pop(name, None)
+
     def _probes(self, pack: SteerPack) -> _PackProbes:
         hit = self._packs.get(pack.name)
         if hit is not None:

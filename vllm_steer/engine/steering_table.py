@@ -136,6 +136,11 @@ class SteeringTable:
         if self.residual_layers:
             self.residual_rows[:, dst].copy_(self.residual_rows[:, src])
 
+    def forget_pack(self, name: str) -> None:
+        """Drop the cached rows of pack ``name`` (removed while serving: a new pack may take its name)."""
+        for key in [k for k in self._bases if k[0] == name]:
+            del self._bases[key]
+
     def _check_slot(self, slot: int) -> None:
         if not 0 < slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")

@@ -15,14 +15,15 @@ def install() -> None:
 
     try:
         from vllm_steer.integration import (
-            engine_stats, frontend, openai_server, prefix_cache, scheduler, serve_flags, worker,
+            engine_stats, frontend, live_packs, openai_server, prefix_cache, scheduler, serve_flags, worker,
         )
     except Exception as exc:  # noqa: BLE001 - a vLLM whose modules we cannot import at all
         compat.record("import of vllm_steer.integration", exc)
         _log_failures(compat)
         return
     # frontend first: it is what refuses steering engines when anything below failed
-    for module in (frontend, serve_flags, openai_server, prefix_cache, scheduler, worker, engine_stats):
+    for module in (frontend, serve_flags, openai_server, prefix_cache, scheduler, worker, engine_stats,
+                   live_packs):
         try:
             module.install()
         except Exception as exc:  # noqa: BLE001

@@ -131,6 +131,7 @@ def _add_routes(app) -> None:
         return JSONResponse({"object": "list", "data": registry.describe()})
 
     app.add_api_route(PACKS_ROUTE, list_packs, methods=["GET"], name="vllm_steer_list_packs")
+    _add_live_pack_routes(app)
     app.add_middleware(SteeringRouteGuard)
 
     @app.middleware("http")
@@ -269,6 +270,109 @@ async def _refresh_metrics(app) -> None:
     if core is None or not hasattr(core, "call_utility_async"):
         return
     _collector().stats = combine_engine_stats(await call_utility_all(core, ENGINE_STATS_UTILITY))
+
+
+# -- live packs (live_packs.py) ----------------------------------------------------------------------
+def _error(status: int, message: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                                   "param": param, "code": status}}, status)
+
+
+def _admin_refusal(request):
+    """The response refusing a pack-management request, or None when it may go on."""
+    import hmac
+
+    from vllm_steer.integration.serve_flags import ADMIN_KEY_ENV, ADMIN_KEY_FLAG, admin_key
+
+    key = admin_key(getattr(request.app.state, "args", None))
+    if key is None:
+        return _error(403, f"packs are managed live only on a server started with {ADMIN_KEY_FLAG} (or {ADMIN_KEY_ENV})")
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return _error(401, "pack management needs the admin key as 'Authorization: Bearer KEY'", "authorization")
+    return None
+
+
+async def _read_capped(request, limit: int) -> bytes | None:
+    """The request body, or None when it is over ``limit`` bytes (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _add_live_pack_routes(app) -> None:
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from vllm_steer.errors import SteeringError
+    from vllm_steer.integration.compat import call_utility_all
+    from vllm_steer.integration.live_packs import ADD_PACK_UTILITY, REMOVE_PACK_UTILITY
+    from vllm_steer.integration.serve_flags import MAX_PACK_FLAG, max_pack_bytes
+    from vllm_steer.pack import load_pack_bytes
+
+    changing = asyncio.Lock()  # one pack change at a time: the registry and the engines agree
+
+    async def add_pack(request: Request):
+        refusal = _admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        async with changing:
+            return await _add_pack(request)
+
+    async def _add_pack(request: Request):
+        registry = _engine_registry(request.app)
+        limit = max_pack_bytes(getattr(request.app.state, "args", None))
+        data = await _read_capped(request, limit)
+        if data is None:
+            return _error(413, f"the pack is over this server's limit of {limit >> 20} MiB ({MAX_PACK_FLAG})", "body")
+        try:
+            pack = load_pack_bytes(data, registry.model)
+            if pack.name in registry.packs:
+                return _error(409, f"a pack named {pack.name!r} is loaded; DELETE it first to replace it", "name")
+            registry.check_live(pack)  # as start-up loading checks it
+        except SteeringError as exc:
+            return _error(400, str(exc), exc.field)
+        try:  # the engines first: a request the registry lets through finds the pack there
+            answers = await call_utility_all(request.app.state.engine_client.engine_core, ADD_PACK_UTILITY, data)
+        except Exception as exc:  # noqa: BLE001 - an engine refused it: it is not served
+            message = str(exc)
+            status = 409 if "still in use" in message else 500
+            return _error(status, f"the engine did not add pack {pack.name!r}: {message}", "name")
+        registry.add_live(pack)
+        described = next(d for d in registry.describe() if d["name"] == pack.name)
+        return JSONResponse({"object": "steering.pack", "engines": len(answers), **described})
+
+    async def remove_pack(name: str, request: Request):
+        refusal = _admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        async with changing:
+            return await _remove_pack(name, request)
+
+    async def _remove_pack(name: str, request: Request):
+        registry = _engine_registry(request.app)
+        try:
+            registry.remove(name)  # new requests for it are refused from now on
+        except SteeringError as exc:
+            return _error(404, str(exc), "name")
+        answers = await call_utility_all(request.app.state.engine_client.engine_core, REMOVE_PACK_UTILITY, name)
+        in_use = sum(a.get("in_use", 0) for a in answers)
+        return JSONResponse({"object": "steering.pack.deleted", "name": name, "deleted": True,
+                             "requests_still_using": in_use})
+
+    app.add_api_route(PACKS_ROUTE, add_pack, methods=["POST"], name="vllm_steer_add_pack")
+    app.add_api_route(PACKS_ROUTE + "/{name}", remove_pack, methods=["DELETE"], name="vllm_steer_remove_pack")
 
 
 # -- install ----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 from vllm.logger import init_logger
@@ -79,6 +80,8 @@ class SchedulerSteering:
     num_by_preemption: int = 0
     num_kv_copies: int = 0
     max_tokens_after_backtrack: int = 0  # most tokens scheduled for a request in its first step after one
+    # live packs removed while requests still named them: name -> removes it from the workers
+    retiring: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     def fail(self, request, where: str, exc: BaseException) -> None:
         """Fail ``request`` at the end of this step (see the module docstring)."""
@@ -350,6 +353,10 @@ def _update_from_output(original, self, scheduler_output, model_runner_output):
     if state.fasb.requests:
         for req_id in [r for r, s in state.fasb.requests.items() if s.freed]:
             state.fasb.forget(req_id)
+    if state.retiring:
+        from vllm_steer.integration.live_packs import retire_unused
+
+        retire_unused(self, state)
     return outputs
 
 

@@ -25,6 +25,10 @@ from vllm_steer.limits import OperatorLimits
 
 PLUGIN_FLAG = "--steering-plugin"
 PACKS_FLAG = "--steering-packs"
+ADMIN_KEY_FLAG = "--steering-admin-key"
+ADMIN_KEY_ENV = "VLLM_STEER_ADMIN_KEY"  # the same key, kept out of vLLM's start-up log of its arguments
+MAX_PACK_FLAG = "--steering-max-pack-mib"
+DEFAULT_MAX_PACK_MIB = 64
 # flag -> the OperatorLimits field it sets
 LIMIT_FLAGS = {
     "--steering-max-backtracks": "max_backtracks",
@@ -50,6 +54,28 @@ def add_steering_flags(parser) -> None:
         info = OperatorLimits.model_fields[name]
         group.add_argument(flag, metavar="N", type=int, default=None,
                            help=f"Per-request limit: the {info.description} (default {info.default}).")
+    group.add_argument(
+        ADMIN_KEY_FLAG, metavar="KEY", default=None,
+        help=f"Turn on POST/DELETE /v1/steering/packs (packs added and removed while serving), with KEY as "
+        f"the bearer token they require. Every layer is hooked at start-up. Or set {ADMIN_KEY_ENV}, which "
+        "stays out of the start-up log.",
+    )
+    group.add_argument(
+        MAX_PACK_FLAG, metavar="N", type=int, default=None,
+        help=f"Largest pack POST /v1/steering/packs accepts, in MiB (default {DEFAULT_MAX_PACK_MIB}).",
+    )
+
+
+def admin_key(args: Any) -> str | None:
+    """The live-pack admin key: the flag's, else the environment's; None when live packs are off."""
+    import os
+
+    return getattr(args, _dest(ADMIN_KEY_FLAG), None) or os.environ.get(ADMIN_KEY_ENV) or None
+
+
+def max_pack_bytes(args: Any) -> int:
+    mib = getattr(args, _dest(MAX_PACK_FLAG), None)
+    return (DEFAULT_MAX_PACK_MIB if mib is None else mib) << 20
 
 
 def check_when_parsed(parser) -> None:
@@ -115,9 +141,11 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
     packs_dir = getattr(args, "steering_packs", None)
     limits = {name: getattr(args, _dest(flag), None) for flag, name in LIMIT_FLAGS.items()}
     limits = {name: value for name, value in limits.items() if value is not None}
+    max_pack = getattr(args, _dest(MAX_PACK_FLAG), None)
     if not plugin:
         given = [PACKS_FLAG] if packs_dir is not None else []
         given += [flag for flag, name in LIMIT_FLAGS.items() if name in limits]
+        given += [flag for flag in (ADMIN_KEY_FLAG, MAX_PACK_FLAG) if getattr(args, _dest(flag), None) is not None]
         if given:
             raise ConfigError(f"{given[0]} needs {PLUGIN_FLAG}", field=given[0])
         return None
@@ -125,6 +153,20 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
         raise ConfigError(f"{PLUGIN_FLAG} needs {PACKS_FLAG} DIR: the folder of steer packs to serve",
                           field=PACKS_FLAG)
     steering: dict[str, Any] = {"packs_dir": str(packs_dir)}
+    if max_pack is not None and not 1 <= max_pack <= 4096:
+        raise ConfigError(f"{MAX_PACK_FLAG}: must be 1 to 4096 MiB, got {max_pack}", field=MAX_PACK_FLAG)
+    if admin_key(args) is not None:
+        servers = _api_servers(args)
+        if servers > 1:
+            raise ConfigError(
+                f"{ADMIN_KEY_FLAG}: packs managed live need one API server (this command starts {servers}: "
+                "--api-server-count or --data-parallel-size); each API server keeps its own list of packs, and "
+                "a pack added through one would be unknown to the others",
+                field=ADMIN_KEY_FLAG,
+            )
+        steering["live_packs"] = True
+    elif max_pack is not None:
+        raise ConfigError(f"{MAX_PACK_FLAG} needs {ADMIN_KEY_FLAG} (or {ADMIN_KEY_ENV})", field=MAX_PACK_FLAG)
     if limits:
         try:
             steering["limits"] = OperatorLimits(**limits).model_dump()
@@ -141,6 +183,13 @@ def steering_config_from_flags(args: Any, additional_config: dict | None) -> dic
             field=PLUGIN_FLAG,
         )
     return {**(additional_config or {}), ADDITIONAL_CONFIG_KEY: steering}
+
+
+def _api_servers(args: Any) -> int:
+    """How many API servers ``vllm serve`` starts with ``args``: --api-server-count, by default one
+    per data-parallel engine."""
+    count = getattr(args, "api_server_count", None)
+    return int(count if count is not None else getattr(args, "data_parallel_size", 1) or 1)
 
 
 def check_data_parallel_backend(args: Any) -> None:

@@ -60,7 +60,7 @@ def _attach(runner) -> None:
         )
     layout = rank_layout_of(shape)
     stage_layers = this_stage_layers(shape.num_layers)
-    probe_layers = ProbeTable.layers_of(registry.packs.values())
+    probe_layers = registry.probe_layers
     table = SteeringTable(
         layout,
         head_layers=registry.head_layers,

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from vllm_steer.errors import PackError
@@ -280,14 +281,31 @@ def load_pack(path: str | Path, model: ModelShape | None = None) -> SteerPack:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise PackError(f"{path} is not a readable safetensors file: {exc}", field="path") from exc
-    raw = metadata.get(MANIFEST_METADATA_KEY)
+    return _pack_from(metadata, tensors, path, str(path), model)
+
+
+def load_pack_bytes(data: bytes, model: ModelShape | None = None, *, label: str = "the uploaded pack") -> SteerPack:
+    """``load_pack`` for a pack's bytes (a live upload): safetensors only, the same checks."""
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or header_len > len(data) - 8:
+            raise ValueError("its header length points past the end of the data")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        tensors = safetensors_load(data)
+    except Exception as exc:  # safetensors raises several types for corrupt data
+        raise PackError(f"{label} is not a readable safetensors file: {exc}", field="pack") from exc
+    return _pack_from(metadata, tensors, None, label, model)
+
+
+def _pack_from(metadata: dict, tensors: dict, source: Path | None, label: str, model: ModelShape | None) -> SteerPack:
+    raw = metadata.get(MANIFEST_METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
-        raise PackError(f"{path} has no {MANIFEST_METADATA_KEY!r} entry in its header", field="manifest")
+        raise PackError(f"{label} has no {MANIFEST_METADATA_KEY!r} entry in its header", field="manifest")
     try:
         manifest = PackManifest.model_validate(json.loads(raw))
     except (ValidationError, json.JSONDecodeError) as exc:
-        raise PackError(f"{path}: invalid manifest: {_first_error(exc)}", field="manifest") from exc
-    pack = build_pack(manifest, tensors, source=path)
+        raise PackError(f"{label}: invalid manifest: {_first_error(exc)}", field="manifest") from exc
+    pack = build_pack(manifest, tensors, source=source)
     if model is not None:
         pack.check_fits(model)
     return pack
