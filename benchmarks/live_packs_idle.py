@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--heads", dest="pack_heads", type=int, default=16, help="heads the ITI packs select")
+    parser.add_argument("--pack-heads", type=int, default=16, help="heads the ITI packs select")
     add_model_args(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

@@ -9,6 +9,12 @@ newest token of each step that samples for them carries the slot so the fused op
 backtrack arrives as a ``FasbUpdate`` (strength, first steered position) from the scheduler; from
 then on the slot holds the unit-alpha ITI rows and each steered token's strength goes into
 ``table.token_scales`` (one value for ``strength="code"``, a per-position history for ``"paper"``).
+
+A composition (``spec.ComposedSpec``) sums its members into the slot: the static members' rows at
+their alphas, and the L2S member's predicted row added by the predictor. A FASB member among them
+is probed on that slot; after its backtrack the positions from its first steered one use the
+request's second slot (``SteeringTable.second_slot``): the first slot's rows plus the FASB heads at
+the backtrack's strength, every token scale 1.
 """
 
 from __future__ import annotations
