@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 
-import torch
-
 from reference.hf_l2s import l2s_hooks, l2s_start
-from reference.hf_steering import steering_hooks
+from reference.hf_steering import greedy_tokens, steering_hooks
 
 
 def pack_heads(raw, layers=None, heads=None) -> list:
@@ -57,20 +55,8 @@ def composed_hooks(model, members, prompt_len, state):
         yield
 
 
-@torch.no_grad()
 def composed_generate(model, prompt_ids, max_new_tokens, members) -> list[int]:
     """Greedy continuation of ``prompt_ids`` (EOS ignored) under every member at once."""
     state = {"offset": 0}
-    prompt_ids = [int(t) for t in prompt_ids]
-    out: list[int] = []
     with composed_hooks(model, members, len(prompt_ids), state):
-        ids = torch.tensor([prompt_ids], device=model.device)
-        past = None
-        for _ in range(max_new_tokens):
-            result = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            state["offset"] += ids.shape[1]
-            token = int(result.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]], device=model.device)
-    return out
+        return greedy_tokens(model, prompt_ids, max_new_tokens, state)

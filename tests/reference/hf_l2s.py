@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
+from reference.hf_steering import greedy_tokens
+
 
 @contextmanager
 def l2s_hooks(model, pack, *, method, alpha, read_layer, steer_layer, start, read_at, state):
@@ -79,16 +81,7 @@ def l2s_generate(model, prompt_ids, pack, *, method, alpha, read_layer, steer_la
     read_at = P - 1 if read_position is None else read_position
     start = l2s_start(method, P, prompt_positions, read_layer, steer_layer)
     state = {"offset": 0}
-    out: list[int] = []
     with l2s_hooks(model, pack, method=method, alpha=alpha, read_layer=read_layer, steer_layer=steer_layer,
-                   start=start, read_at=read_at, state=state) as own, torch.no_grad():
-        ids = torch.tensor([[int(t) for t in prompt_ids]])
-        past = None
-        for _ in range(max_new_tokens):
-            result = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            state["offset"] += ids.shape[1]
-            token = int(result.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]])
+                   start=start, read_at=read_at, state=state) as own:
+        out = greedy_tokens(model, prompt_ids, max_new_tokens, state)
     return out, own["reads"]

@@ -76,22 +76,27 @@ def steering_hooks(model, *, heads=None, residual=None, alpha=0.0, prompt_len=0,
 
 
 @torch.no_grad()
+def greedy_tokens(model, prompt_ids, max_new_tokens, state) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` (EOS ignored) with the KV cache, one token per step after
+    the prompt; ``state["offset"]`` holds the position of each forward's first token for the hooks."""
+    out: list[int] = []
+    ids = torch.tensor([[int(t) for t in prompt_ids]], device=model.device)
+    past = None
+    for _ in range(max_new_tokens):
+        result = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        state["offset"] += ids.shape[1]
+        token = int(result.logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.tensor([[token]], device=model.device)
+    return out
+
+
 def greedy_generate(model, prompt_ids, max_new_tokens, *, heads=None, residual=None, alpha=0.0,
                     prompt_positions="last"):
     """Greedy continuation of ``prompt_ids`` (EOS ignored); ``heads`` = [(layer, head, theta, sigma)],
     ``residual`` = {layer: vector}."""
     state = {"offset": 0}
-    out: list[int] = []
-    prompt_ids = [int(t) for t in prompt_ids]
     with steering_hooks(model, heads=heads, residual=residual, alpha=alpha, prompt_len=len(prompt_ids),
                         prompt_positions=prompt_positions, state=state):
-        ids = torch.tensor([prompt_ids], device=model.device)
-        past = None
-        for _ in range(max_new_tokens):
-            result = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            state["offset"] += ids.shape[1]
-            token = int(result.logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.tensor([[token]], device=model.device)
-    return out
+        return greedy_tokens(model, prompt_ids, max_new_tokens, state)
