@@ -86,7 +86,8 @@ def case(request, tiny_model, tmp_path_factory):
             random_pack(shape, "resid", num_heads_selected=0, residual_layers=[1, shape.num_layers - 1], seed=12),
         ),
     }
-    llm = make_llm(path, packs=list(packs.values()))
+    # Llama runs compiled (the ops inside the traced graph); the other families eager, to keep CI short
+    llm = make_llm(path, packs=list(packs.values()), enforce_eager=family != "llama")
     yield FamilyCase(family, path, packs, llm)
     close_llm(llm)
 
