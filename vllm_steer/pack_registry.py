@@ -216,6 +216,7 @@ class PackRegistry:
                 "residual_layers": sorted(set(pack.residual_layers.tolist())),
                 "has_probes": manifest.has_probes,
                 "l2s": manifest.l2s.model_dump() if manifest.l2s is not None else None,
+                "condition": manifest.condition.model_dump() if manifest.condition is not None else None,
                 "metadata": without_paths(manifest.metadata),
             })
         return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PACK_FORMAT_VERSION = 1
 MANIFEST_METADATA_KEY = "vllm_steer.manifest"
@@ -36,6 +36,21 @@ class L2SInfo(BaseModel):
     prompt_format: Literal["raw", "chat"] = Field(
         default="raw", description="the prompts the predictor was fitted on: raw text or chat-template rendered"
     )
+
+
+class ConditionInfo(BaseModel):
+    """A CAST condition (``vllm-steer fit cast``): whether a prompt calls for a behaviour.
+
+    The prompt's state is the mean, over its tokens, of the residual stream entering decoder layer
+    ``layer`` (the output of layer ``layer - 1``); with the unit direction ``condition.direction``
+    ``v`` its similarity is ``cos(h, tanh((h . v) v))``, and the condition holds when that similarity
+    is ``above`` (or ``below``) ``threshold``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: int = Field(ge=1, description="the decoder layer whose input is read (the output of layer - 1)")
+    threshold: float = Field(ge=-1.0, le=1.0, allow_inf_nan=False)
+    comparison: Literal["above", "below"]
 
 
 class ModelShape(BaseModel):
@@ -67,11 +82,12 @@ class PackManifest(BaseModel):
     format_version: int = PACK_FORMAT_VERSION
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     model: ModelShape
-    methods: list[Method] = Field(min_length=1)
+    methods: list[Method] = Field(default_factory=list, description="empty only for a condition-only pack")
     num_heads_selected: int = Field(ge=0, description="K, the number of (layer, head) pairs steered")
     residual_layers: list[int] = Field(default_factory=list)
     has_probes: bool = False
     l2s: L2SInfo | None = None
+    condition: ConditionInfo | None = None
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="free-form record: dataset, split, seed, accuracies..."
     )
@@ -89,3 +105,9 @@ class PackManifest(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("methods must not repeat")
         return v
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> PackManifest:
+        if not self.methods and self.condition is None:
+            raise ValueError("a pack needs at least one method or a condition")
+        return self

@@ -17,6 +17,7 @@ name                   shape        meaning
 ``l2s.b_in``           [W]          its bias
 ``l2s.w_out``          [hidden, W]  second layer (no bias)
 ``l2s.mean``           [hidden]     Mean-S: the mean of the L2S training targets
+``condition.direction``[hidden]     CAST condition direction, unit (with manifest.condition)
 =====================  ===========  ====================================================
 
 Only safetensors is ever read: no pickle, no torch.load.
@@ -47,7 +48,8 @@ _HEAD_TENSORS = ("heads.layer", "heads.head", "heads.direction", "heads.sigma")
 _RESIDUAL_TENSORS = ("residual.layer", "residual.vector")
 _PROBE_TENSORS = ("probes.weight", "probes.bias")
 _L2S_TENSORS = ("l2s.w_in", "l2s.b_in", "l2s.w_out", "l2s.mean")
-_KNOWN_TENSORS = set(_HEAD_TENSORS + _RESIDUAL_TENSORS + _PROBE_TENSORS + _L2S_TENSORS)
+_CONDITION_TENSOR = "condition.direction"
+_KNOWN_TENSORS = set(_HEAD_TENSORS + _RESIDUAL_TENSORS + _PROBE_TENSORS + _L2S_TENSORS + (_CONDITION_TENSOR,))
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class SteerPack:
     l2s_b_in: torch.Tensor | None = None
     l2s_w_out: torch.Tensor | None = None
     l2s_mean: torch.Tensor | None = None
+    condition_direction: torch.Tensor | None = None
     source: Path | None = None
 
     @property
@@ -112,6 +115,8 @@ class SteerPack:
         if self.l2s_w_in is not None:
             out.update({"l2s.w_in": self.l2s_w_in, "l2s.b_in": self.l2s_b_in, "l2s.w_out": self.l2s_w_out,
                         "l2s.mean": self.l2s_mean})
+        if self.condition_direction is not None:
+            out[_CONDITION_TENSOR] = self.condition_direction
         return out
 
 
@@ -219,6 +224,21 @@ def build_pack(
     if ("l2s" in manifest.methods or "mean_s" in manifest.methods) and l2s is None:
         raise fail("methods 'l2s' and 'mean_s' need manifest.l2s and the l2s.* tensors", field="methods")
 
+    condition = manifest.condition
+    if condition is None:
+        if _CONDITION_TENSOR in tensors:
+            raise fail(f"tensor {_CONDITION_TENSOR!r} needs manifest.condition", field="condition")
+        condition_direction = None
+    else:
+        if condition.layer >= shape.num_layers:
+            raise fail(f"condition.layer {condition.layer} is not a layer of the model (it has "
+                       f"{shape.num_layers}; layer 0's input is the embedding, never read)", field="condition.layer")
+        condition_direction = get(_CONDITION_TENSOR, "float")
+        expect_shape(_CONDITION_TENSOR, condition_direction, (shape.hidden_size,))
+        norm = float(condition_direction.norm())
+        if abs(norm - 1) > UNIT_NORM_TOLERANCE:
+            raise fail(f"{_CONDITION_TENSOR} has norm {norm:.6f}; it must be a unit vector", field=_CONDITION_TENSOR)
+
     if "iti" in manifest.methods and k == 0:
         raise fail("method 'iti' needs at least one selected head", field="methods")
     if "residual" in manifest.methods and r == 0:
@@ -238,6 +258,7 @@ def build_pack(
         l2s_b_in=l2s_tensors[1],
         l2s_w_out=l2s_tensors[2],
         l2s_mean=l2s_tensors[3],
+        condition_direction=condition_direction,
         source=source,
     )
 

@@ -32,6 +32,11 @@ def pack_summary(pack: SteerPack) -> dict[str, Any]:
         l2s = {**manifest.l2s.model_dump(),
                **{k: record[k] for k in ("val_cosine", "val_cosine_mean_s", "target", "num_prompts") if k in record},
                "mean_s_norm": round(float(pack.l2s_mean.norm()), 6)}
+    condition = None
+    if manifest.condition is not None:
+        record = metadata.get("condition") if isinstance(metadata.get("condition"), dict) else {}
+        condition = {**manifest.condition.model_dump(),
+                     **{k: record[k] for k in ("val_f1", "num_prompts") if k in record}}
     source = pack.source
     return {
         "name": manifest.name,
@@ -46,6 +51,7 @@ def pack_summary(pack: SteerPack) -> dict[str, Any]:
                             for l, n in zip(pack.residual_layers.tolist(), residual_norms)],
         "probes": {"count": int(pack.probe_weights.shape[0])} if pack.probe_weights is not None else None,
         "l2s": l2s,
+        "condition": condition,
         "metadata": metadata,
         "digest": pack.digest(),
     }
@@ -62,7 +68,7 @@ def format_pack_summary(summary: dict[str, Any]) -> str:
     lines.append(("model", f"{model['architecture']}: {model['num_layers']} layers x {model['num_heads']} heads "
                            f"({model['num_kv_heads']} KV heads), head_dim {model['head_dim']}, "
                            f"hidden {model['hidden_size']}"))
-    lines.append(("methods", ", ".join(summary["methods"])))
+    lines.append(("methods", ", ".join(summary["methods"]) or "none (a condition only)"))
     heads = summary["heads"]
     if heads:
         by_layer: dict[int, list[int]] = {}
@@ -97,6 +103,13 @@ def format_pack_summary(summary: dict[str, Any]) -> str:
         lines.append(("L2S", text))
     else:
         lines.append(("L2S", "none"))
+    condition = summary.get("condition")
+    if condition:
+        text = (f"reads the input of layer {condition['layer']}, holds when the similarity is "
+                f"{condition['comparison']} {condition['threshold']:g}")
+        if "val_f1" in condition:
+            text += f"; validation F1 {condition['val_f1']:.3f}"
+        lines.append(("condition", text))
     fit = _fit_line(summary["metadata"])
     if fit:
         lines.append(("fit", fit))
