@@ -80,3 +80,51 @@ def l2s_predict(
 @l2s_predict.register_fake
 def _l2s_predict_fake(hidden, residual, rows, slots, scales, w_in, b_in, w_out, out_rows) -> None:
     return None
+
+
+@torch.library.custom_op("vllm_steer::condition_gate", mutates_args=("sums", "gates", "head_rows", "residual_rows"))
+def condition_gate(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    token_rows: torch.Tensor,
+    sums: torch.Tensor,
+    finish_rows: torch.Tensor,
+    finish_slots: torch.Tensor,
+    finish_counts: torch.Tensor,
+    finish_thresholds: torch.Tensor,
+    finish_above: torch.Tensor,
+    direction: torch.Tensor,
+    gates: torch.Tensor,
+    head_rows: torch.Tensor,
+    residual_rows: torch.Tensor,
+) -> None:
+    """CAST's condition in the prefill forward, after the decoder layer before the condition layer.
+
+    ``x = hidden + residual`` is the stream entering the condition layer. Each token ``t`` adds
+    ``x[t]`` to its request's running sum ``sums[token_rows[t]]`` (row 0 collects the tokens of no
+    condition and is never read). For each entry ``i`` with ``finish_slots[i] != 0`` (a request whose
+    last prompt token is in this step), the prompt's mean ``m = sums[finish_rows[i]] / finish_counts[i]``
+    gives the similarity ``cos(m, tanh((m . v) v))``; the gate is 1 when it is above (``finish_above``)
+    or below the entry's threshold, else 0. It goes to ``gates[finish_rows[i]]`` and multiplies the
+    request's steering rows at every layer (``head_rows[:, slot]``, ``residual_rows[:, slot]``), so the
+    layers after this one in the same forward, and every later step, steer it only when the condition
+    holds. Fixed shapes, no host sync: inactive entries use row 0 and slot 0 (whose rows are zero)."""
+    x = hidden.float() + residual.float()
+    sums.index_add_(0, token_rows[: x.shape[0]], x)
+    mean = sums[finish_rows] / finish_counts.clamp(min=1.0).unsqueeze(1)
+    v = direction.float()
+    projected = torch.tanh((mean @ v).unsqueeze(1) * v.unsqueeze(0))
+    similarity = torch.nn.functional.cosine_similarity(mean, projected, dim=-1)
+    holds = torch.where(finish_above, similarity > finish_thresholds, similarity < finish_thresholds)
+    gate = holds.float()
+    gates.index_copy_(0, finish_rows, gate)
+    sums[0].zero_()  # the dump row, so it never overflows
+    for rows in (head_rows, residual_rows):
+        if rows.shape[0]:
+            rows.index_copy_(1, finish_slots, rows.index_select(1, finish_slots) * gate.view(1, -1, 1))
+
+
+@condition_gate.register_fake
+def _condition_gate_fake(hidden, residual, token_rows, sums, finish_rows, finish_slots, finish_counts,
+                         finish_thresholds, finish_above, direction, gates, head_rows, residual_rows) -> None:
+    return None

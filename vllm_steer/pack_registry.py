@@ -9,7 +9,7 @@ from vllm_steer.config import SteeringConfig
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.errors import ConfigError, PackError, SpecError
 from vllm_steer.pack import ModelShape, SteerPack, load_pack
-from vllm_steer.spec import Steering, SteeringSpec, clip, for_each_member
+from vllm_steer.spec import ConditionRequest, Steering, SteeringSpec, clip, for_each_member
 
 
 def without_paths(value):
@@ -64,12 +64,13 @@ class PackRegistry:
         if not self.live:
             raise ConfigError("this engine was not started with live packs (steering.live_packs)",
                               field="steering.live_packs")
-        if pack.manifest.l2s is not None:
-            raise PackError(
-                f"pack {pack.name!r} has an L2S predictor, whose hook is placed at start-up only: load it with "
-                "the packs at start-up (ITI, residual and probe packs can be added live)",
-                field="l2s",
-            )
+        for part, what in (("l2s", "an L2S predictor"), ("condition", "a CAST condition")):
+            if getattr(pack.manifest, part) is not None:
+                raise PackError(
+                    f"pack {pack.name!r} has {what}, whose hook is placed at start-up only: load it with the "
+                    "packs at start-up (ITI, residual and probe packs can be added live)",
+                    field=part,
+                )
 
     def remove(self, name: str) -> SteerPack:
         pack = self.packs.pop(name, None)
@@ -121,12 +122,29 @@ class PackRegistry:
             "probe": self.probe_layers,
             "residual": self.residual_layers,
             "l2s": sorted([p.manifest.l2s.read_layer, p.manifest.l2s.steer_layer] for p in self.l2s_packs),
+            "condition": sorted(p.manifest.condition.layer for p in self.condition_packs),
             "packs": {name: pack.digest() for name, pack in sorted(self.packs.items())},
         }
 
     @property
     def l2s_packs(self) -> list[SteerPack]:
         return [p for p in self.packs.values() if p.manifest.l2s is not None]
+
+    @property
+    def condition_packs(self) -> list[SteerPack]:
+        return [p for p in self.packs.values() if p.manifest.condition is not None]
+
+    def condition_pack(self, condition: ConditionRequest) -> SteerPack:
+        """The loaded pack holding ``condition``'s condition; SpecError naming ``steering.condition.pack``."""
+        pack = self.packs.get(condition.pack)
+        if pack is None:
+            known = clip(", ".join(sorted(p.name for p in self.condition_packs)) or "none")
+            raise SpecError(f"steering.condition.pack {clip(repr(condition.pack))} is not loaded (loaded condition "
+                            f"packs: {known})", field="steering.condition.pack")
+        if pack.manifest.condition is None:
+            raise SpecError(f"steering.condition.pack {pack.name!r} holds no condition (a condition pack comes "
+                            "from vllm-steer fit cast)", field="steering.condition.pack")
+        return pack
 
     def resolve_all(self, spec: Steering) -> list[SteerPack | None]:
         """Each member's pack (one for a plain spec), each checked as ``resolve`` checks a spec; an
@@ -142,6 +160,8 @@ class PackRegistry:
         pack = self.packs.get(spec.pack)
         if pack is None:
             raise self._unknown_pack(spec.pack)
+        if spec.condition is not None:
+            self.condition_pack(spec.condition)
         if spec.method == "fasb":
             if "iti" not in pack.manifest.methods or not pack.manifest.has_probes:
                 raise SpecError(

@@ -67,6 +67,17 @@ class _FieldError(ValueError):
         self.field = field
 
 
+class ConditionRequest(BaseModel):
+    """CAST: steer the request only when its prompt meets the condition of a condition pack
+    (``vllm-steer fit cast``). ``threshold`` / ``comparison`` override the pack's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pack: str = Field(min_length=1, max_length=128)
+    threshold: Number | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    comparison: Literal["above", "below"] | None = None
+
+
 class SteeringSpec(BaseModel):
     """What one request asks for.
 
@@ -85,6 +96,10 @@ class SteeringSpec(BaseModel):
     backtrack: each new token is steered at ``alpha * (1 - p)`` of the previous token's score, or not
     at all when that score is at or above ``threshold``. At most ``max_backtracks`` backtracks per
     request (0 = score only).
+
+    ``condition`` (CAST) names a condition pack (or ``{"pack": ..., "threshold": ..., "comparison":
+    ...}``): the request is steered only when its prompt meets the condition, decided in its prefill
+    from the mean of the stream entering the pack's layer over every prompt token.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -101,6 +116,12 @@ class SteeringSpec(BaseModel):
     min_tokens: Integer | None = Field(default=None, ge=1, le=1 << 20)
     max_backtracks: Integer = Field(default=1, ge=0, le=64)
     strength: StrengthRule = "code"
+    condition: ConditionRequest | None = None
+
+    @field_validator("condition", mode="before")
+    @classmethod
+    def _condition_by_name(cls, v: Any) -> Any:
+        return {"pack": v} if isinstance(v, str) else v
 
     @field_validator("layers")
     @classmethod
@@ -152,6 +173,20 @@ class SteeringSpec(BaseModel):
             misplaced = [f for f in FASB_FIELDS if f in self.model_fields_set]
             if misplaced:
                 raise _FieldError(misplaced[0], f"{misplaced[0]} applies to method 'fasb' only")
+        if self.condition is not None:
+            if self.method in ("fasb", "l2s", "off"):
+                why = {
+                    "fasb": "FASB decides per generated token whether to steer, a condition once per prompt",
+                    "l2s": "conditioning an L2S predictor's vector is not supported",
+                    "off": "method 'off' steers nothing to gate",
+                }[self.method]
+                raise _FieldError("condition", f"condition does not apply to method {self.method!r}: {why}")
+            if self.steer_from is not None or self.prompt_positions == "all":
+                raise _FieldError(
+                    "steer_from" if self.steer_from is not None else "prompt_positions",
+                    "a conditioned spec steers from the last prompt token ('last') or generated tokens only "
+                    "('none'): the condition is known only once the whole prompt went through its layer",
+                )
         return self
 
     @property
@@ -177,6 +212,11 @@ class SteeringSpec(BaseModel):
     def fasb(self) -> SteeringSpec | None:
         """The member the probes monitor and backtracks steer, if any."""
         return self if self.monitored else None
+
+    @property
+    def gate(self) -> ConditionRequest | None:
+        """The condition the request's steering waits for (CAST), if any."""
+        return self.condition if self.active else None
 
     def cache_key(self) -> str:
         """A canonical string: two specs with the same key steer identically."""
@@ -205,6 +245,8 @@ class ComposedSpec:
     * At most one FASB member and one L2S member.
     * Every member but the FASB one steers the same positions (``prompt_positions`` /
       ``steer_from``): a request has one steering slot per position, holding the members' sum.
+    * Every member steering something carries the same ``condition`` or none does: the condition
+      gates the request's one slot.
     * With a FASB member, the others steer from the last prompt token (``"last"``) or every prompt
       token (``"all"``), and the FASB member keeps ``strength="code"`` and ``max_backtracks <= 1``:
       after its backtrack the request's positions use a second slot holding the others' sum plus
@@ -228,6 +270,11 @@ class ComposedSpec:
     @property
     def fasb(self) -> SteeringSpec | None:
         return next((m for m in self.members if m.monitored), None)
+
+    @property
+    def gate(self) -> ConditionRequest | None:
+        """The members' common condition (``parse_spec`` checks they share it)."""
+        return next((m.condition for m in self.members if m.active and m.condition is not None), None)
 
     def cache_key(self) -> str:
         return json.dumps([m.model_dump(mode="json") for m in self.members], sort_keys=True, separators=(",", ":"))
@@ -270,6 +317,10 @@ def for_each_member(spec: Steering, check: Callable[[SteeringSpec], _T]) -> list
     return results
 
 
+def _condition_text(condition: ConditionRequest | None) -> str:
+    return "no condition" if condition is None else clip(json.dumps(condition.model_dump(exclude_none=True)))
+
+
 def _check_composition(members: Sequence[SteeringSpec]) -> None:
     """The rules of ``ComposedSpec``; SpecError naming the member's field."""
     first_of: dict[str, int] = {}
@@ -282,6 +333,16 @@ def _check_composition(members: Sequence[SteeringSpec]) -> None:
                     field=f"{SPEC_KEY}[{i}].method",
                 )
             first_of[m.method] = i
+    gated = [(i, m) for i, m in enumerate(members) if m.active]
+    if gated and any(m.condition != gated[0][1].condition for _, m in gated):
+        i, m = next((i, m) for i, m in gated if m.condition != gated[0][1].condition)
+        i0 = gated[0][0]
+        raise SpecError(
+            f"invalid steering spec: {SPEC_KEY}[{i}].condition: the members of a composition share one condition "
+            f"or none (it gates the request's steering as a whole); {SPEC_KEY}[{i0}] has "
+            f"{_condition_text(gated[0][1].condition)}, {SPEC_KEY}[{i}] has {_condition_text(m.condition)}",
+            field=f"{SPEC_KEY}[{i}].condition",
+        )
     steered = [(i, m) for i, m in enumerate(members) if m.method not in ("fasb", "off")]
     positions = {(m.prompt_positions, m.steer_from) for _, m in steered}
     if len(positions) > 1:

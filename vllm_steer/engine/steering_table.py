@@ -136,6 +136,14 @@ class SteeringTable:
         if self.residual_layers:
             self.residual_rows[:, dst].copy_(self.residual_rows[:, src])
 
+    def scale_slot(self, slot: int, factor: torch.Tensor) -> None:
+        """Multiply ``slot``'s rows by ``factor`` ([1] on the device: a CAST gate, no host sync)."""
+        self._check_slot(slot)
+        if self.head_layers:
+            self.head_rows[:, slot].mul_(factor)
+        if self.residual_layers:
+            self.residual_rows[:, slot].mul_(factor)
+
     def forget_pack(self, name: str) -> None:
         """Drop the cached rows of pack ``name`` (removed while serving: a new pack may take its name)."""
         for key in [k for k in self._bases if k[0] == name]:

@@ -15,6 +15,11 @@ their alphas, and the L2S member's predicted row added by the predictor. A FASB 
 is probed on that slot; after its backtrack the positions from its first steered one use the
 request's second slot (``SteeringTable.second_slot``): the first slot's rows plus the FASB heads at
 the backtrack's strength, every token scale 1.
+
+A condition (CAST, ``spec.gate``) holds the request's slot to its prompt: while the prompt is read,
+the planner sends its tokens to the condition pack's ``ConditionGate``, which decides in the forward
+with the last prompt token and multiplies the slot's rows by the gate (0 or 1). The planner keeps
+each decided gate (on the device) and applies it whenever it rewrites the slot.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from vllm_steer.engine.condition_gate import ConditionGate
 from vllm_steer.engine.fasb import FasbUpdate
 from vllm_steer.engine.host_staging import staging_buffer
 from vllm_steer.engine.l2s_predictor import L2SPredictor
@@ -34,7 +40,7 @@ from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.errors import SteeringError
 from vllm_steer.pack import SteerPack
 from vllm_steer.pack_registry import PackRegistry
-from vllm_steer.spec import Steering, SteeringSpec, parse_spec
+from vllm_steer.spec import ConditionRequest, Steering, SteeringSpec, parse_spec
 
 logger = logging.getLogger("vllm." + __name__)  # under vLLM's logger, so its handlers show it
 NO_STEERING = np.iinfo(np.int64).max  # a steer_start no position reaches
@@ -42,6 +48,18 @@ NO_STEERING = np.iinfo(np.int64).max  # a steer_start no position reaches
 
 Member = tuple[SteeringSpec, SteerPack]
 STATIC_METHODS = ("iti", "residual", "mean_s")  # fixed rows, summed into the slot at the member's alpha
+
+
+def steered_layers(spec: SteeringSpec, pack: SteerPack) -> tuple[set[int], set[int]]:
+    """(head layers, residual layers) where a static member adds something."""
+    if spec.method == "iti":
+        return {l for l, h in pack.selected_heads if (spec.layers is None or l in spec.layers)
+                and (spec.heads is None or (l, h) in spec.heads)}, set()
+    if spec.method == "residual":
+        return set(), {l for l in pack.residual_layers.tolist() if spec.layers is None or l in spec.layers}
+    if spec.method == "mean_s":
+        return set(), {pack.manifest.l2s.steer_layer}
+    return set(), set()
 
 
 @dataclass(frozen=True)
@@ -68,20 +86,36 @@ class RequestSteering:
     # after a second backtrack, or with strength="paper" (filled as scores arrive)
     strengths: list[float] | None = None
     adaptive: bool = False  # strength="paper": each score sets the next position's scale
+    gate: tuple[ConditionRequest, SteerPack] | None = None  # CAST: the condition and its pack
+    # CAST: every steered layer comes after the condition is read, so the last prompt token's own
+    # forward can be gated; otherwise steering starts at the first generated token
+    gate_same_pass: bool = True
 
     @classmethod
-    def initial(cls, spec: Steering, packs: Sequence[SteerPack | None]) -> RequestSteering | None:
-        """The steering of a new request (``packs``: each member's, from ``PackRegistry.resolve_all``);
-        None when no member steers anything."""
+    def initial(cls, spec: Steering, packs: Sequence[SteerPack | None],
+                gate_pack: SteerPack | None = None) -> RequestSteering | None:
+        """The steering of a new request (``packs``: each member's, from ``PackRegistry.resolve_all``;
+        ``gate_pack``: the pack of ``spec.gate``); None when no member steers anything."""
         members = [(m, p) for m, p in zip(spec.members, packs) if m.active and p is not None]
         if not members:
             return None
+        added = tuple(mp for mp in members if mp[0].method in STATIC_METHODS)
+        gate, same_pass = None, True
+        if spec.gate is not None:
+            gate = (spec.gate, gate_pack)
+            layer = gate_pack.manifest.condition.layer
+            for m, p in added:
+                heads, residual = steered_layers(m, p)
+                # the gate runs on the output of layer - 1, before the residual op placed there
+                same_pass &= all(l >= layer for l in heads) and all(l >= layer - 1 for l in residual)
         return cls(
             spec,
-            added=tuple(mp for mp in members if mp[0].method in STATIC_METHODS),
+            added=added,
             l2s=next((mp for mp in members if mp[0].method == "l2s"), None),
             fasb=next((mp for mp in members if mp[0].monitored), None),
             monitor=any(m.monitored for m, _ in members),
+            gate=gate,
+            gate_same_pass=same_pass,
         )
 
     @property
@@ -108,7 +142,9 @@ class RequestSteering:
         """The first position whose tokens use the request's (first) slot for steering."""
         if self.added or self.l2s is not None:
             start = self.spec.steer_start(num_prompt_tokens)
-            return NO_STEERING if start is None else start
+            if start is None:
+                return NO_STEERING
+            return start if self.gate_same_pass else max(start, num_prompt_tokens)
         return self.steer_from if self.fasb_alone_steers else NO_STEERING
 
     def second_steered(self) -> int:
@@ -143,11 +179,16 @@ class StepPlanner:
         registry: PackRegistry,
         probes: ProbeTable | None = None,
         predictors: dict[str, L2SPredictor] | None = None,
+        gates: dict[str, ConditionGate] | None = None,
     ) -> None:
         self.table = table
         self.registry = registry
         self.probes = probes
         self.predictors = predictors or {}
+        self.gates = gates or {}
+        self._gate_values: dict[str, torch.Tensor] = {}  # req_id -> its decided gate ([1] on the device)
+        self._gate_read_to: dict[str, int] = {}  # req_id -> prompt positions its condition has read
+        self._gate_pending: list[tuple[str, ConditionGate]] = []  # decided in the last step
         self._l2s_vectors: dict[str, torch.Tensor] = {}  # req_id -> its predicted row (unit alpha)
         self._l2s_pending: list[tuple[str, int, L2SPredictor]] = []  # predicted in the last step
         self.l2s_predictions = 0  # predictor runs, over the engine's life
@@ -185,7 +226,13 @@ class StepPlanner:
         try:
             spec = parse_spec(extra_args_of(req_id))
             if spec is not None and spec.active:
-                steering = RequestSteering.initial(spec, self.registry.resolve_all(spec))
+                gate_pack = None
+                if spec.gate is not None:
+                    gate_pack = self.registry.condition_pack(spec.gate)
+                    if gate_pack.name not in self.gates:
+                        raise SteeringError(f"condition pack {gate_pack.name!r} has no gate on this worker",
+                                            field="steering.condition.pack")
+                steering = RequestSteering.initial(spec, self.registry.resolve_all(spec), gate_pack)
                 if steering is not None and steering.monitor and self.probes is None:
                     raise SteeringError("no pack of this engine has probes", field="steering.method")
                 if steering is not None and steering.composed and self.table.slots_per_request < 2:
@@ -245,6 +292,10 @@ class StepPlanner:
             if steering is not None and steering.adaptive:
                 self._num_adaptive -= 1
             self._l2s_vectors.pop(req_id, None)
+            if steering is not None and steering.gate is not None:
+                self.gates[steering.gate[1].name].release(req_id)
+            self._gate_values.pop(req_id, None)
+            self._gate_read_to.pop(req_id, None)
 
     @property
     def num_tracked_requests(self) -> int:
@@ -270,12 +321,14 @@ class StepPlanner:
         ``num_tokens`` (each request's known length) tells which requests sample this step; only
         needed when some request is monitored."""
         self._stash_l2s_vectors()
+        self._stash_gates()
         num_reqs = len(req_ids)
         counts = num_scheduled[:num_reqs].astype(np.int64)
         total = int(counts.sum())
         first_token = np.cumsum(counts) - counts
         num_prompt_of = num_prompt[:num_reqs].tolist()
         l2s_entries: dict[str, list[tuple[int, int, float]]] = {name: [] for name in self.predictors}
+        gate_reads: dict[str, tuple[list, list]] = {name: ([], []) for name in self.gates}
         slot_of_req = np.zeros(num_reqs, dtype=np.int32)
         start_of_req = np.full(num_reqs, NO_STEERING, dtype=np.int64)
         second_slot_of_req = np.zeros(num_reqs, dtype=np.int32)
@@ -288,6 +341,9 @@ class StepPlanner:
                 planned = self._plan_request(
                     req_id, i + 1, extra_args_of, num_prompt_of[i], int(num_computed[i]), int(counts[i])
                 )
+                if planned is not None and planned[0].gate is not None:
+                    self._plan_gate_read(req_id, planned[0], i + 1, int(first_token[i]), num_prompt_of[i],
+                                         int(num_computed[i]), int(counts[i]), gate_reads)
             except Exception as exc:  # fails this request only (the scheduler finishes it)
                 self._slot_owner[i + 1] = None  # the slot may be half written
                 self.record_failure(req_id, exc)
@@ -321,6 +377,8 @@ class StepPlanner:
 
         for name, predictor in self.predictors.items():
             predictor.set_step(l2s_entries[name])
+        for name, gate in self.gates.items():
+            gate.set_step(*gate_reads[name])
         if not any_slot:
             if self._dirty_tokens:
                 self.table.token_slots[: self._dirty_tokens].zero_()
@@ -373,6 +431,8 @@ class StepPlanner:
                 self.predictors[steering.l2s[1].name].out_rows[slot].copy_(vector)
         if steering.monitor:
             self.probes.write_slot(slot, steering.fasb[1])
+        if steering.gate is not None and req_id in self._gate_values:
+            table.scale_slot(slot, self._gate_values[req_id])
         if steering.second_steered() != NO_STEERING:
             second = table.second_slot(slot)
             table.copy_slot(second, slot)
@@ -412,6 +472,43 @@ class StepPlanner:
         if reads_now and req_id not in self._l2s_vectors:  # else resumed: its vector is in its slot
             return steering, start, last_prompt - num_computed
         return steering, start, None
+
+    def _plan_gate_read(self, req_id: str, steering: RequestSteering, slot: int, first_row: int, num_prompt: int,
+                        num_computed: int, num_scheduled: int, reads: dict[str, tuple[list, list]]) -> None:
+        """A conditioned request's prompt tokens of this step go to its gate's running sum; with its
+        last prompt token, the gate decides (``ConditionGate``)."""
+        if req_id in self._gate_values:
+            return  # decided; a recomputed prompt (after preemption) is steered as the gate said
+        condition, pack = steering.gate
+        gate = self.gates[pack.name]
+        read_to = self._gate_read_to.get(req_id, 0)
+        if num_computed != read_to:
+            if num_computed != 0:
+                raise SteeringError(
+                    f"the condition of request {req_id} read its prompt up to position {read_to}, and this step "
+                    f"starts at {num_computed}: prompt tokens were computed without being read",
+                    field="steering.condition")
+            gate.restart(req_id)  # preempted mid-prompt and recomputed from the start
+        stop = min(num_computed + num_scheduled, num_prompt)
+        if stop <= num_computed:
+            raise SteeringError(f"request {req_id} is past its prompt and its condition was never decided",
+                                field="steering.condition")
+        row = gate.row_of(req_id)
+        reads[pack.name][0].append((first_row, stop - num_computed, row))
+        self._gate_read_to[req_id] = stop
+        if stop == num_prompt:
+            threshold = condition.threshold if condition.threshold is not None else gate.threshold
+            above = (condition.comparison or gate.comparison) == "above"
+            reads[pack.name][1].append((row, slot, num_prompt, float(threshold), above))
+            self._gate_pending.append((req_id, gate))
+
+    def _stash_gates(self) -> None:
+        """Keep the gates decided in the last forward, and free their sum rows."""
+        for req_id, gate in self._gate_pending:
+            if req_id in self._requests:
+                self._gate_values[req_id] = gate.gate_of(req_id)
+            gate.release(req_id)
+        self._gate_pending = []
 
     def record_failure(self, req_id: str, exc: BaseException) -> None:
         """Stop steering ``req_id`` and report it (``take_failures``) so the scheduler fails it: a

@@ -14,6 +14,7 @@ from torch import nn
 
 import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.steer_probe)
 from vllm_steer.engine.activation_capture import ActivationCapturer
+from vllm_steer.engine.condition_gate import ConditionGate
 from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
@@ -96,6 +97,40 @@ def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], stage_la
             prefixes.append(prefix)
         block.vllm_steer_l2s_prefixes = tuple(prefixes)
         handles.append(block.register_forward_hook(_l2s_predict_after_layer))
+    return handles
+
+
+_GATE_BUFFERS = ("token_rows", "sums", "finish_rows", "finish_slots", "finish_counts", "finish_thresholds",
+                 "finish_above", "direction", "gates", "head_rows", "residual_rows")
+
+
+def _condition_gate_after_layer(module: nn.Module, args: tuple, output):
+    hidden, residual = _stream_parts(output)
+    for prefix in module.vllm_steer_gate_prefixes:
+        torch.ops.vllm_steer.condition_gate(hidden, residual, *(getattr(module, prefix + n) for n in _GATE_BUFFERS))
+    return output
+
+
+def install_condition_hooks(model: nn.Module, gates: list[ConditionGate], stage_layers: range) -> list:
+    """The CAST gates after the decoder layer before each condition layer (its output is the condition
+    layer's input). Install before ``install_hooks``: a residual steering op on that same layer then
+    runs after the gate, so the gate reads the unsteered stream and the op already adds the gated row."""
+    layers = checked_decoder_layers(model, stage_layers)
+    by_layer: dict[int, list[ConditionGate]] = {}
+    for gate in gates:
+        if gate.layer - 1 in stage_layers:
+            by_layer.setdefault(gate.layer - 1, []).append(gate)
+    handles = []
+    for layer, group in by_layer.items():
+        block = layers[layer]
+        prefixes = []
+        for i, gate in enumerate(group):
+            prefix = f"vllm_steer_gate{i}_"
+            for name in _GATE_BUFFERS:
+                block.register_buffer(prefix + name, getattr(gate, name), persistent=False)
+            prefixes.append(prefix)
+        block.vllm_steer_gate_prefixes = tuple(prefixes)
+        handles.append(block.register_forward_hook(_condition_gate_after_layer))
     return handles
 
 

@@ -60,4 +60,10 @@ def stage_split_problems(registry: PackRegistry, num_layers: int, pp_size: int) 
                 f"hold layers {[f'{r.start}-{r.stop - 1}' for r in ranges]}: both layers must be on one stage "
                 "(set VLLM_PP_LAYER_PARTITION, or fit the pack with layers on one stage)"
             )
+    for pack in registry.condition_packs:
+        problems.append(
+            f"condition pack {pack.name!r}: a CAST condition gates the steering of every layer from the stage of "
+            f"its layer {pack.manifest.condition.layer}, which pipeline_parallel_size={pp_size} splits across "
+            "processes; serve condition packs with pipeline_parallel_size=1"
+        )
     return problems

@@ -278,12 +278,22 @@ def _report_failed(scheduler, state: SchedulerSteering, engine_core_outputs: dic
 
 
 def _add_request(original, self, request) -> None:
-    original(self, request)
     state = steering_state(self)
+    spec = error = None
+    if state is not None and request.sampling_params is not None:
+        try:
+            spec = parse_spec(request.sampling_params.extra_args)
+        except Exception as exc:
+            error = exc
+        if spec is not None and spec.gate is not None:
+            # CAST reads every prompt token at the condition layer: a prefix-cache hit would skip some
+            request.skip_reading_prefix_cache = True
+    original(self, request)
     if state is None or request.sampling_params is None:
         return
     try:  # the front-end refuses a bad spec; one that got here anyway fails its request
-        spec = parse_spec(request.sampling_params.extra_args)
+        if error is not None:
+            raise error
         if spec is not None and spec.active:
             by_method = state.requests_by_method
             by_method[spec.method] = by_method.get(spec.method, 0) + 1

@@ -26,11 +26,17 @@ from vllm.logger import init_logger
 
 from vllm_steer.config import steering_config_from
 from vllm_steer.engine.activation_capture import ActivationCapturer, parse_capture
+from vllm_steer.engine.condition_gate import ConditionGate
 from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.engine.step_planner import StepPlanner
-from vllm_steer.integration.model_hooks import install_capture_hooks, install_hooks, install_l2s_hooks
+from vllm_steer.integration.model_hooks import (
+    install_capture_hooks,
+    install_condition_hooks,
+    install_hooks,
+    install_l2s_hooks,
+)
 from vllm_steer.integration.model_shape import model_shape_of, rank_layout_of
 from vllm_steer.integration.patching import patch
 from vllm_steer.integration.pipeline_stages import PROBE_SUMS_KEY, this_stage, this_stage_layers
@@ -86,13 +92,18 @@ def _attach(runner) -> None:
                 "after the prefill, so it steers generated tokens only",
                 predictor.pack_name, predictor.read_layer, predictor.steer_layer,
             )
+    gates = {
+        pack.name: ConditionGate(pack, table, runner.max_num_reqs, runner.max_num_tokens, runner.device)
+        for pack in registry.condition_packs
+    }
     install_l2s_hooks(runner.get_model(), list(predictors.values()), stage_layers)
+    install_condition_hooks(runner.get_model(), list(gates.values()), stage_layers)
     handles = install_hooks(runner.get_model(), table, stage_layers, probes)
     expected = sum(l in stage_layers for l in table.head_layers) + sum(l in stage_layers for l in table.residual_layers)
     if len(handles) != expected:
         raise RuntimeError(f"vllm-steer: {len(handles)} steering hooks placed for layers {hooked} "
                            f"(this stage's layers {stage_layers.start}..{stage_layers.stop - 1})")
-    planner = StepPlanner(table, registry, probes, predictors)
+    planner = StepPlanner(table, registry, probes, predictors, gates)
     planner.hooked_layers = hooked
     setattr(runner, PLANNER_ATTR, planner)
     if config.capture:

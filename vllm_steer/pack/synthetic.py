@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from vllm_steer.pack.manifest import L2SInfo, ModelShape, PackManifest
+from vllm_steer.pack.manifest import ConditionInfo, L2SInfo, ModelShape, PackManifest
 from vllm_steer.pack.steer_pack import SteerPack, build_pack
 
 
@@ -82,3 +82,12 @@ def with_constant_probes(pack: SteerPack, p: float, name: str | None = None) -> 
     tensors["probes.bias"] = torch.full_like(tensors["probes.bias"], math.log(p / (1.0 - p)))
     manifest = pack.manifest if name is None else pack.manifest.model_copy(update={"name": name})
     return build_pack(manifest, tensors)
+
+
+def condition_pack(shape: ModelShape, name: str, direction: torch.Tensor, layer: int, threshold: float,
+                   comparison: str = "above") -> SteerPack:
+    """A condition-only pack (CAST) with the given direction (normalised here) and condition point."""
+    manifest = PackManifest(name=name, model=shape, methods=[], num_heads_selected=0,
+                            condition=ConditionInfo(layer=layer, threshold=threshold, comparison=comparison))
+    unit = direction.float() / direction.float().norm()
+    return build_pack(manifest, {"condition.direction": unit})
