@@ -222,3 +222,8 @@ def test_cli_fit_cast_writes_the_pack_the_hf_reference_picks(cast_setup, tmp_pat
         per_layer = best_condition_point({entry["layer"]: similarities[entry["layer"]]}, truth[val])
         assert entry["f1"] == pytest.approx(per_layer.f1, abs=1e-6)
     assert max(entry["f1"] for entry in meta["condition"]["layers"]) == pytest.approx(want.f1, abs=1e-6)
+    from vllm_steer.pack.summary import format_pack_summary, pack_summary
+
+    summary = pack_summary(pack)["condition"]  # what `vllm-steer pack inspect` shows
+    assert summary["layer"] == want.layer and summary["num_prompts"] == 40
+    assert "validation F1" in format_pack_summary(pack_summary(pack))
