@@ -1,12 +1,21 @@
-"""CAST's condition math on its own (no engine): similarity, direction, and the grid search."""
+"""CAST's condition: the math on its own (no engine: similarity, direction, grid search, the labelled
+rows and their split), then ``vllm-steer fit cast`` through one capture engine against an HF reference."""
+
+import json
+import random
 
 import pytest
 import torch
 
 from vllm_steer.errors import SteeringError
+from vllm_steer.fit.cast_pipeline import (
+    candidate_layers, capture_prompt_states, load_condition_prompts, stratified_split,
+)
+from vllm_steer.fit.datasets import DatasetError
 from vllm_steer.fit.cast import (
     ConditionPoint, best_condition_point, condition_direction, condition_similarity, f1_score,
 )
+from vllm_steer.pack import ModelShape
 
 
 def test_similarity_is_the_cosine_of_h_and_tanh_of_its_projection():
@@ -51,16 +60,6 @@ def test_grid_picks_the_separating_layer_threshold_and_comparison_first_best_win
 
 
 # -- the fit: labelled prompts, split, capture through vLLM, the pack (vllm-steer fit cast) -------------
-import json
-import random
-
-from vllm_steer.fit.datasets import DatasetError
-from vllm_steer.fit.cast_pipeline import (
-    candidate_layers, capture_prompt_states, load_condition_prompts, stratified_split,
-)
-from vllm_steer.pack import ModelShape
-
-
 def _write_rows(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
