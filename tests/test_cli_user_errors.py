@@ -1,5 +1,5 @@
 """A user's mistake in any command line ends with one message naming the flag or file, exit code 2,
-and no traceback: ``vllm-steer fit | fit l2s | eval | pack inspect | pack import | pack export`` and
+and no traceback: ``vllm-steer fit | fit l2s | fit cast | eval | pack inspect | pack import | pack export`` and
 ``vllm serve --steering-*``.
 
 Every case runs the installed command in a subprocess; all are caught before an engine starts, so
@@ -41,6 +41,7 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
     fit = [STEER, "fit", "--model", model, "--data", data, "--out", out]
     l2s = [STEER, "fit", "l2s", "--model", model, "--data", data, "--out", out, "--read-layer", "1",
            "--steer-layer", "2"]
+    cast = [STEER, "fit", "cast", "--model", model, "--data", w["conditions"], "--out", out]
     ev = [STEER, "eval", "--model", model, "--benchmark", "short_answer", "--data", sa, "--out", w["job"]]
 
     def imp(source):
@@ -71,6 +72,28 @@ def _cases(w: dict) -> dict[str, tuple[list[str], str, str]]:
         "l2s-longer-than-the-model": ([*l2s, "--max-model-len", "65"], "vllm-steer fit l2s", "--max-model-len"),
         "l2s-no-chat-template": ([STEER, "fit", "l2s", "--model", w["no_chat_model"], *l2s[5:], "--chat-template"],
                                  "vllm-steer fit l2s", "--chat-template"),
+        # vllm-steer fit cast
+        "cast-missing-data": ([*cast[:6], w["missing"] + ".jsonl", *cast[7:]], "vllm-steer fit cast", "--data"),
+        "cast-row-condition-not-a-bool": ([*cast[:6], w["conditions_bad_value"], *cast[7:]], "vllm-steer fit cast",
+                                          "line 2: 'condition' must be true/false"),
+        "cast-row-without-prompt": ([*cast[:6], w["conditions_no_prompt"], *cast[7:]], "vllm-steer fit cast",
+                                    "line 3: missing key 'prompt'"),
+        "cast-one-label": ([*cast[:6], w["conditions_one_label"], *cast[7:]], "vllm-steer fit cast",
+                           "found 4 true and 0 false"),
+        "cast-data-checked-before-the-model": (
+            [STEER, "fit", "cast", "--model", w["missing"], "--data", w["conditions_bad_value"], "--out", out],
+            "vllm-steer fit cast", "--data"),
+        "cast-layer-0": ([*cast, "--layers", "0,1"], "vllm-steer fit cast", "--layers: layer 0"),
+        "cast-layer-outside-the-model": ([*cast, "--layers", "1,4"], "vllm-steer fit cast", "--layers: layer 4"),
+        "cast-layers-not-a-list": ([*cast, "--layers", "1-3"], "vllm-steer fit cast", "--layers"),
+        "cast-val-fraction": ([*cast, "--val-fraction", "1"], "vllm-steer fit cast", "--val-fraction"),
+        "cast-out-suffix": ([*cast[:8], out.replace(".safetensors", ".pt")], "vllm-steer fit cast", "--out"),
+        "cast-out-a-folder": ([*cast[:8], w["empty_dir"] + ".safetensors"], "vllm-steer fit cast", "--out"),
+        "cast-no-such-model": ([STEER, "fit", "cast", "--model", w["missing"], *cast[5:]], "vllm-steer fit cast",
+                               "--model"),
+        "cast-longer-than-the-model": ([*cast, "--max-model-len", "65"], "vllm-steer fit cast", "--max-model-len"),
+        "cast-no-chat-template": ([STEER, "fit", "cast", "--model", w["no_chat_model"], *cast[5:], "--chat-template"],
+                                  "vllm-steer fit cast", "--chat-template"),
         # vllm-steer eval
         "eval-shards-0": ([*ev, "--shards", "0"], "vllm-steer eval", "--shards"),
         "eval-actors-negative": ([*ev, "--actors", "-1"], "vllm-steer eval", "--actors"),
@@ -157,6 +180,14 @@ def world(model_cache, tmp_path_factory):
     short_answer = root / "items.jsonl"
     short_answer.write_text(json.dumps({"prompt": "Q: is 2 even? A:", "true_answer": "yes"}) + "\n")
     (root / "empty").mkdir()
+    (root / "empty.safetensors").mkdir()  # a folder named like a pack
+    condition_rows = [{"prompt": f"is it raining on day {i}?", "condition": i % 2 == 0} for i in range(8)]
+    conditions = {"conditions": condition_rows,
+                  "conditions_bad_value": [condition_rows[0], {"prompt": "rain?", "condition": "yes"}],
+                  "conditions_no_prompt": [*condition_rows[:2], {"condition": True}],
+                  "conditions_one_label": [r for r in condition_rows if r["condition"]]}
+    for key, rows in conditions.items():
+        (root / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     no_chat_model = root / "no_chat_model"  # the tiny model, its tokenizer without a chat template
     shutil.copytree(model, no_chat_model)
     (no_chat_model / "chat_template.jinja").unlink(missing_ok=True)
@@ -183,6 +214,7 @@ def world(model_cache, tmp_path_factory):
         "pack": str(pack), "packs_dir": str(packs_dir), "corrupt": str(corrupt_dir / "broken.safetensors"),
         "corrupt_dir": str(corrupt_dir), "other_pack": str(other_pack), "other_dir": str(root / "other"),
         "mc_task": str(truthfulqa_dir() / "mc_task.json"), "no_chat_model": str(no_chat_model),
+        **{key: str(root / f"{key}.jsonl") for key in conditions},
     }
 
 

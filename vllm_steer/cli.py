@@ -26,6 +26,11 @@ L2S_FLAGS = {
     "steer_layer": "--steer-layer", "target": "--target", "max_model_len": "--max-model-len", "dtype": "--dtype",
     "chat_template": "--chat-template",
 }
+CAST_FLAGS = {
+    "data": "--data", "model": "--model", "out": "--out", "name": "--name", "layers": "--layers",
+    "val_fraction": "--val-fraction", "max_model_len": "--max-model-len", "dtype": "--dtype",
+    "chat_template": "--chat-template", "batch_size": "--batch-size",
+}
 EVAL_FLAGS = {
     "model": "--model", "out": "--out", "benchmark": "--benchmark", "num_shards": "--shards", "folds": "--folds",
     "settings": "--setting", "ray_address": "--ray-address", "max_model_len": "--max-model-len", "dtype": "--dtype",
@@ -123,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=positive_int, default=24, help="--plumbing: new tokens per prompt")
 
     fit = sub.add_parser("fit", help="fit a steer pack (probes, top-K heads, directions, sigma) through vLLM; "
-                                     "'vllm-steer fit l2s --help' fits an L2S predictor")
+                                     "'vllm-steer fit l2s --help' fits an L2S predictor, "
+                                     "'vllm-steer fit cast --help' a CAST condition")
     fit.add_argument("--model", required=True, help="HF checkpoint folder")
     fit.add_argument("--data", required=True,
                      help="TruthfulQA (mc_task.json, TruthfulQA.csv or their folder) or a JSONL of pairs")
@@ -237,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["fit", "l2s"]:
         return _run_fit_l2s(argv[2:])
+    if argv[:2] == ["fit", "cast"]:
+        return _run_fit_cast(argv[2:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.version:
         print(_version_text())
         return 0
     if args.command is None:
-        parser.error("choose a command: demo, fit, fit l2s, eval or pack")
+        parser.error("choose a command: demo, fit, fit l2s, fit cast, eval or pack")
     if args.command == "fit":
         return _run_fit(args)
     if args.command == "eval":
@@ -367,6 +375,73 @@ def _run_fit_l2s(argv: list[str]) -> int:
         record = fit_l2s_pack(args.model, args.data, args.out, options)
     except (SteeringError, UserError) as exc:
         return _fail(prog, exc, L2S_FLAGS)
+    print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError("--layers", f"must be a comma list of layers, e.g. 4,5,6, got {text!r}") from None
+    if not layers:
+        raise UserError("--layers", f"lists no layer: {text!r}")
+    return layers
+
+
+def _run_fit_cast(argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from vllm_steer.errors import SteeringError
+
+    prog = "vllm-steer fit cast"
+    parser = argparse.ArgumentParser(
+        prog=prog, description="fit a CAST condition through vLLM (the layer, threshold and comparison that tell "
+                               "the prompts with the condition from those without) and write a condition-only pack")
+    parser.add_argument("--model", required=True, help="HF checkpoint folder")
+    parser.add_argument("--data", required=True,
+                        help='JSONL, one labelled prompt a line: {"prompt": "...", "condition": true|false}')
+    parser.add_argument("--out", required=True, help="output pack, e.g. packs/harmful.safetensors")
+    parser.add_argument("--name", help="pack name (default: the output file's stem)")
+    parser.add_argument("--layers", help="candidate condition layers, a comma list (default: every layer from 1; "
+                                         "layer L reads the output of layer L-1)")
+    parser.add_argument("--val-fraction", type=open_fraction, default=None,
+                        help="share of each label held out to pick the condition point on (default 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="the train/validation split's seed")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="render each prompt through the model's chat template (one user message and the "
+                             "generation prompt), as a chat request's prompt is")
+    _engine_flags(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="prompts sent to the engine per call")
+    args = parser.parse_args(argv)
+    try:
+        from vllm_steer.fit.cast_pipeline import (
+            DEFAULT_VAL_FRACTION, CastFitOptions, candidate_layers, fit_cast_pack, load_condition_prompts,
+        )
+        from vllm_steer.fit.pipeline import check_pack_name, check_pack_path
+        from vllm_steer.integration.job_engine import job_max_model_len
+
+        name = args.name or Path(args.out).stem
+        if check_pack_path(args.out).is_dir():
+            raise UserError("--out", f"{args.out} is a folder; name the pack file to write")
+        check_pack_name(name)
+        layers = _layer_list(args.layers) if args.layers is not None else None
+        load_condition_prompts(args.data)  # the whole file checked before the model is read
+        facts = _model_facts(args.model)
+        candidate_layers(facts.shape, layers)
+        options = CastFitOptions(
+            name=name, layers=tuple(layers) if layers is not None else None,
+            val_fraction=args.val_fraction if args.val_fraction is not None else DEFAULT_VAL_FRACTION,
+            seed=args.seed, chat_template=args.chat_template, batch_size=args.batch_size,
+            max_model_len=job_max_model_len(facts, args.max_model_len), llm_kwargs={"dtype": args.dtype},
+        )
+        tokenizer = _model_tokenizer(args.model)
+        if args.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat-template", f"the tokenizer of {args.model} has no chat template")
+        record = fit_cast_pack(args.model, args.data, args.out, options)
+    except (SteeringError, UserError) as exc:
+        return _fail(prog, exc, CAST_FLAGS)
     print(json.dumps(record, indent=2, default=str))
     return 0
 
