@@ -227,6 +227,11 @@ BAD_REQUESTS = [
     ({"vllm_xargs": {"steering_json": json.dumps([{"pack": "plain"}, {"pack": "plain", "alpha": "x"}])}},
      "steering_json[1].alpha"),
     ({"vllm_xargs": {"steering_json": "{"}}, "steering_json"),
+    # CAST conditions: unknown pack, not a condition pack, a method it cannot gate, members disagreeing
+    ({"steering": {"pack": "truthful", "condition": "nope"}}, "steering.condition.pack"),
+    ({"vllm_xargs": {"steering_pack": "truthful", "steering_condition": "plain"}}, "steering_condition.pack"),
+    ({"steering": {"pack": "truthful", "method": "fasb", "condition": "plain"}}, "steering.condition"),
+    ({"steering": [{"pack": "plain", "condition": "x"}, {"pack": "truthful"}]}, "steering[1].condition"),
 ]
 
 

@@ -129,3 +129,69 @@ def test_distinct_compositions_write_each_slot_once_not_every_step(monkeypatch):
                 expected[row, head * 8:(head + 1) * 8] += alpha * pack.head_sigmas[k] * pack.head_directions[k]
         torch.testing.assert_close(table.head_rows[:, i + 1], expected)
     assert table.token_slots[:8].tolist() == list(range(1, 9))
+
+
+def _gated_planner(max_reqs=4):
+    from vllm_steer.engine.condition_gate import ConditionGate
+    from vllm_steer.pack.synthetic import condition_pack
+
+    registry = PackRegistry(model=SHAPE)
+    registry.add(random_pack(SHAPE, "p", num_heads_selected=5, residual_layers=[2], seed=0))
+    direction = torch.zeros(SHAPE.hidden_size)
+    direction[0] = 1.0
+    registry.add(condition_pack(SHAPE, "cond", direction, layer=1, threshold=0.5, comparison="above"))
+    layout = RankLayout(3, 4, 8, 32)
+    table = SteeringTable(layout, registry.head_layers, registry.residual_layers, max_num_tokens=64,
+                          max_num_reqs=max_reqs, device="cpu")
+    gate = ConditionGate(registry.packs["cond"], table, max_reqs, 64, "cpu")
+    return StepPlanner(table, registry, gates={"cond": gate}), gate
+
+
+def _stream(rows_by_token: list[list[float]]) -> torch.Tensor:
+    """A [T, hidden] stream whose token t starts with rows_by_token[t] (the rest zero)."""
+    x = torch.zeros(len(rows_by_token), SHAPE.hidden_size)
+    for t, row in enumerate(rows_by_token):
+        x[t, :len(row)] = torch.tensor(row)
+    return x
+
+
+def _slot_rows(table, slot):
+    return torch.cat([table.head_rows[:, slot].flatten(), table.residual_rows[:, slot].flatten()])
+
+
+def test_condition_gate_reads_prompts_over_chunks_and_gates_the_slot():
+    """Direction e0, threshold 0.5 'above': a prompt whose mean state leans on e0 keeps its rows, one
+    that does not gets zero rows, decided with its last prompt token in the forward; a request that
+    moves to another slot takes its gate along; a prompt recomputed from the start (preemption) is
+    read again from zero; one whose tokens were computed unread fails instead of running unsteered."""
+    planner, gate = _gated_planner()
+    table = planner.table
+    specs = {r: {"pack": "p", "alpha": 2.0, "condition": "cond"} for r in "abcd"}
+    args = _args(specs)
+    lean, flat, stale = [3.0, 1.0], [0.1, 1.0], [0.0, 50.0]
+
+    def step(req_ids, counts, computed, prompts, rows_by_token):
+        planner.plan_step(req_ids, np.array(counts), np.array(computed), np.array(prompts), args)
+        gate.run(_stream(rows_by_token), torch.zeros(len(rows_by_token), SHAPE.hidden_size))
+
+    # a: 10-token prompt leaning on e0 in chunks of 4, 4, 2; b: 6-token prompt that does not lean, 4 + 2;
+    # c: 8-token prompt, its first chunk computed, then preempted and recomputed from the start.
+    step(["a", "b", "c"], [4, 4, 4], [0, 0, 0], [10, 6, 8], [lean] * 4 + [flat] * 4 + [stale] * 4)
+    before = {s: _slot_rows(table, s).clone() for s in (1, 2)}
+    assert before[1].abs().sum() > 0 and before[2].abs().sum() > 0
+    step(["a", "b"], [4, 2], [4, 4], [10, 6], [lean] * 4 + [flat] * 2)
+    torch.testing.assert_close(_slot_rows(table, 1), before[1])  # a: not decided yet
+    assert _slot_rows(table, 2).abs().sum() == 0  # b: decided in this forward, condition not met
+    step(["b", "a", "c"], [1, 2, 4], [6, 8, 0], [6, 10, 8], [flat] + [lean] * 2 + [lean] * 4)
+    # b moved to slot 1: its rows are rewritten, then multiplied by its gate
+    assert _slot_rows(table, 1).abs().sum() == 0
+    torch.testing.assert_close(_slot_rows(table, 2), before[1])  # a moved to slot 2, then met
+    step(["c"], [4], [4], [8], [lean] * 4)
+    assert _slot_rows(table, 1).abs().sum() > 0  # c: read again from zero (the stale chunk would fail it)
+    planner.plan_step(["a", "c"], np.array([1, 1]), np.array([10, 8]), np.array([10, 8]), args)
+    assert _slot_rows(table, 2).abs().sum() > 0 and planner.take_failures() == {}
+    # d: its first step starts mid-prompt (tokens computed without being read): it fails
+    planner.plan_step(["d"], np.array([4]), np.array([4]), np.array([9]), args)
+    assert "d" in planner.take_failures()
+    planner.forget(["a", "b", "c", "d"])
+    assert len(gate._free_rows) == gate.sums.shape[0] - 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+import vllm_steer.ops  # noqa: F401  (registers torch.ops.vllm_steer.condition_gate)
 from vllm_steer.engine.host_staging import staging_buffer
 from vllm_steer.engine.steering_table import SteeringTable
 from vllm_steer.errors import SteeringError
