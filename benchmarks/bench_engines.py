@@ -81,5 +81,18 @@ def interleaved_rounds(names: list[str], rounds: int, run: Callable[[str], dict]
     return results
 
 
+def timed_batch(llm, prompts: list, params, expected_tokens: int, label: str) -> dict:
+    """One ``generate`` of ``prompts`` (one ``params`` each, or the same for all): delivered tokens/s
+    (checked: exactly ``expected_tokens`` delivered), the mean time to first token and the seconds."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert tokens == expected_tokens, f"{label}: {tokens} tokens delivered, expected {expected_tokens}"
+    ttft = statistics.mean(o.metrics.first_token_latency for o in outs)
+    return {"tokens_per_s": tokens / elapsed, "mean_ttft_ms": 1000 * ttft, "seconds": elapsed}
+
+
 def median_of(results: dict[str, list[dict]], key: str) -> dict[str, float]:
     return {name: statistics.median(m[key] for m in rows) for name, rows in results.items()}

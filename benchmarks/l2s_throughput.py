@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bench_engines import (
     add_model_args, build_model, engine_kwargs, interleaved_rounds, median_of, steering_and_vanilla_engines,
-    token_prompts,
+    timed_batch, token_prompts,
 )
 
 
@@ -85,13 +85,7 @@ def main() -> None:
 
     def batch(name: str) -> dict:
         llm, steered = rows[name]
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, [params(steered, args.max_tokens)] * n, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
-        ttft = statistics.mean(o.metrics.first_token_latency for o in outs)
-        return {"tokens_per_s": tokens / elapsed, "mean_ttft_ms": 1000 * ttft, "seconds": elapsed}
+        return timed_batch(llm, prompts, params(steered, args.max_tokens), n * args.max_tokens, name)
 
     def lone(name: str) -> dict:
         llm, steered = rows[name]

@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engines import add_model_args, build_model, engine_kwargs, interleaved_rounds, median_of, token_prompts
+from bench_engines import (
+    add_model_args, build_model, engine_kwargs, interleaved_rounds, median_of, timed_batch, token_prompts,
+)
 
 
 def main() -> None:
@@ -79,12 +81,7 @@ def main() -> None:
 
     def batch(name: str) -> dict:
         llm, steered = rows[name]
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, [params(steered, args.max_tokens)] * n, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert tokens == n * args.max_tokens, f"{name}: {tokens} tokens delivered"
-        return {"tokens_per_s": tokens / elapsed, "seconds": elapsed}
+        return timed_batch(llm, prompts, params(steered, args.max_tokens), n * args.max_tokens, name)
 
     names = list(rows)
     throughput = interleaved_rounds(names, args.rounds, batch)

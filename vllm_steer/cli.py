@@ -369,14 +369,19 @@ def _run_fit_l2s(argv: list[str]) -> int:
             max_model_len=job_max_model_len(facts, args.max_model_len), llm_kwargs={"dtype": args.dtype},
             train=L2STrainOptions(width=args.width, loss=args.loss, lr=args.lr, epochs=args.epochs, seed=args.seed),
         )
-        tokenizer = _model_tokenizer(args.model)
-        if args.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise UserError("--chat-template", f"the tokenizer of {args.model} has no chat template")
+        _check_chat_template(args.model, args.chat_template)
         record = fit_l2s_pack(args.model, args.data, args.out, options)
     except (SteeringError, UserError) as exc:
         return _fail(prog, exc, L2S_FLAGS)
     print(json.dumps(record, indent=2, default=str))
     return 0
+
+
+def _check_chat_template(model: str, wanted: bool) -> None:
+    """The checkpoint's tokenizer loads, with a chat template when ``--chat-template`` asks for one."""
+    tokenizer = _model_tokenizer(model)
+    if wanted and not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat-template", f"the tokenizer of {model} has no chat template")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -436,9 +441,7 @@ def _run_fit_cast(argv: list[str]) -> int:
             seed=args.seed, chat_template=args.chat_template, batch_size=args.batch_size,
             max_model_len=job_max_model_len(facts, args.max_model_len), llm_kwargs={"dtype": args.dtype},
         )
-        tokenizer = _model_tokenizer(args.model)
-        if args.chat_template and not getattr(tokenizer, "chat_template", None):
-            raise UserError("--chat-template", f"the tokenizer of {args.model} has no chat template")
+        _check_chat_template(args.model, args.chat_template)
         record = fit_cast_pack(args.model, args.data, args.out, options)
     except (SteeringError, UserError) as exc:
         return _fail(prog, exc, CAST_FLAGS)
