@@ -21,7 +21,7 @@ from served_process import SERVED_NAME, free_port, server_command, start_server
 from vllm_steer.integration.serve_flags import ADMIN_KEY_ENV
 from vllm_steer.pack import ModelShape, save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
-from vllm_steer.pack.synthetic import random_pack
+from vllm_steer.pack.synthetic import condition_pack, random_pack
 
 KEY = "live-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -125,6 +125,9 @@ def test_bad_uploads_are_refused_naming_why_and_the_server_serves_on(served):
     l2s, _ = _pack_bytes(served, random_pack(served.shape, "l2s", num_heads_selected=0, l2s=(1, 2, 8), seed=7))
     refused = _bad(served, l2s)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "l2s"
+    condition, _ = _pack_bytes(served, condition_pack(served.shape, "cond", torch.ones(served.shape.hidden_size), 1, 0.5))
+    refused = _bad(served, condition)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "condition"
     assert _bad(served, b"\x00" * (2 << 20)).status_code == 413  # over --steering-max-pack-mib 1
     base = served.packs["base"].read_bytes()
     assert _bad(served, base).status_code == 409  # a loaded name

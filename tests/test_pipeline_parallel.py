@@ -130,3 +130,16 @@ def test_an_l2s_pack_split_over_two_stages_is_refused_by_name(tiny_model, tmp_pa
     with pytest.raises(ConfigError, match=r"L2S pack 'split' reads layer 1 \(pipeline stage 0\) and steers "
                                           r"layer 2 \(stage 1\)"):
         make_llm(path, packs=[pack], pipeline_parallel_size=2, enforce_eager=False)
+
+
+def test_a_condition_pack_under_pipeline_parallelism_is_refused_by_name(tiny_model, tmp_path, bind_two_workers):
+    import torch
+
+    from vllm_steer.errors import ConfigError
+    from vllm_steer.pack.synthetic import condition_pack
+
+    path = tiny_model("llama")
+    shape = shape_of_checkpoint(path)
+    pack = save_pack(tmp_path / "cond.safetensors", condition_pack(shape, "cond", torch.ones(shape.hidden_size), 2, 0.5))
+    with pytest.raises(ConfigError, match=r"condition pack 'cond'.*pipeline_parallel_size=1"):
+        make_llm(path, packs=[pack], pipeline_parallel_size=2, enforce_eager=False)
