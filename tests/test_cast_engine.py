@@ -88,11 +88,11 @@ GATED = [
     [{"pack": "behave", "method": "iti", "alpha": 3.0, "layers": [2, 3], "condition": "cond"}],
     # a residual add after layer 1 (the layer the condition reads) and after layer 3: same forward
     [{"pack": "behave", "method": "residual", "alpha": 1.5, "layers": [1, 3], "condition": "cond"}],
-    # every head (layers below 2 too): steers from the first generated token
-    [{"pack": "behave", "method": "iti", "alpha": 3.0, "condition": "cond"}],
-    # a composition sharing the condition, one member steering before the read
+    # every head (layers below 2 too), generated tokens only
+    [{"pack": "behave", "method": "iti", "alpha": 3.0, "prompt_positions": "none", "condition": "cond"}],
+    # a composition sharing the condition
     [{"pack": "behave", "method": "iti", "alpha": 2.0, "layers": [2, 3], "condition": "cond"},
-     {"pack": "behave", "method": "residual", "alpha": 1.0, "layers": [0], "condition": "cond"}],
+     {"pack": "behave", "method": "residual", "alpha": 1.0, "layers": [1], "condition": "cond"}],
     # the request's own comparison and threshold, generated tokens only
     [{"pack": "behave", "method": "residual", "alpha": 2.0, "prompt_positions": "none",
       "condition": {"pack": "cond", "comparison": "below"}}],
@@ -146,6 +146,12 @@ REFUSED = [
     ({"pack": "behave", "method": "fasb", "condition": "cond"}, r"steering\.condition"),
     ([{"pack": "behave", "condition": "cond"}, {"pack": "behave", "method": "residual"}], r"steering\[1\]\.condition"),
     ({"pack": "behave", "condition": {"pack": "cond", "threshold": 1.5}}, r"steering\.condition\.threshold"),
+    # the last prompt token is gated in its own forward: nothing may steer it before the read
+    ({"pack": "behave", "method": "iti", "condition": "cond"}, r"steering\.prompt_positions: .*heads of layer [01]"),
+    ({"pack": "behave", "method": "residual", "layers": [0], "condition": "cond"},
+     r"steering\.prompt_positions: .*residual stream after layer 0"),
+    ([{"pack": "behave", "method": "iti", "layers": [2], "condition": "cond"},
+      {"pack": "behave", "method": "residual", "layers": [0], "condition": "cond"}], r"steering\[1\]\.prompt_positions"),
 ]
 
 

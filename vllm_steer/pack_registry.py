@@ -36,6 +36,18 @@ PROMPT_FORMAT_NOTES = {
 }
 
 
+def steered_layers(spec: SteeringSpec, pack: SteerPack) -> tuple[set[int], set[int]]:
+    """(head layers, residual layers) where a spec with fixed rows (ITI, residual, Mean-S) adds something."""
+    if spec.method == "iti":
+        return {l for l, h in pack.selected_heads if (spec.layers is None or l in spec.layers)
+                and (spec.heads is None or (l, h) in spec.heads)}, set()
+    if spec.method == "residual":
+        return set(), {l for l in pack.residual_layers.tolist() if spec.layers is None or l in spec.layers}
+    if spec.method == "mean_s":
+        return set(), {pack.manifest.l2s.steer_layer}
+    return set(), set()
+
+
 @dataclass
 class PackRegistry:
     model: ModelShape
@@ -146,6 +158,28 @@ class PackRegistry:
                             "from vllm-steer fit cast)", field="steering.condition.pack")
         return pack
 
+    @staticmethod
+    def _check_gated_positions(spec: SteeringSpec, pack: SteerPack, condition_pack: SteerPack) -> None:
+        """With ``prompt_positions: last`` the last prompt token is gated in its own forward, so every
+        layer the spec steers must come after the condition's read (the output of layer L - 1):
+        heads of layers >= L, residual adds after layers >= L - 1."""
+        if spec.prompt_positions != "last" or spec.method not in ("iti", "residual", "mean_s"):
+            return
+        layer = condition_pack.manifest.condition.layer
+        heads, residual = steered_layers(spec, pack)
+        early_heads = sorted(l for l in heads if l < layer)
+        early_residual = sorted(l for l in residual if l < layer - 1)
+        if early_heads or early_residual:
+            where = (f"the heads of layer {early_heads[0]}" if early_heads
+                     else f"the residual stream after layer {early_residual[0]}")
+            raise SpecError(
+                f"steering.prompt_positions: condition pack {condition_pack.name!r} reads the input of layer {layer}, "
+                f"and this spec steers {where}, before that read, so the last prompt token cannot be gated in its "
+                f"own forward; ask for prompt_positions 'none' (generated tokens only), or steer layers from {layer} "
+                f"on (residual: after layers from {layer - 1} on)",
+                field="steering.prompt_positions",
+            )
+
     def resolve_all(self, spec: Steering) -> list[SteerPack | None]:
         """Each member's pack (one for a plain spec), each checked as ``resolve`` checks a spec; an
         error names the member (``steering[1].pack``)."""
@@ -161,7 +195,7 @@ class PackRegistry:
         if pack is None:
             raise self._unknown_pack(spec.pack)
         if spec.condition is not None:
-            self.condition_pack(spec.condition)
+            self._check_gated_positions(spec, pack, self.condition_pack(spec.condition))
         if spec.method == "fasb":
             if "iti" not in pack.manifest.methods or not pack.manifest.has_probes:
                 raise SpecError(

@@ -7,9 +7,7 @@ Two passes, written from the method's formulas:
    ``v``, the similarity is ``cos(h, tanh((h . v) v))``; the condition holds when it is above (or
    below) the threshold.
 2. Greedy generation: with the behaviour's hooks (``hf_composed``) when the condition holds, without
-   any otherwise. A behaviour that steers a layer before the condition is read (heads of a layer
-   below ``L``, or a residual add after a layer below ``L - 1``) cannot be gated in the prompt's own
-   forward, so it steers from the first generated token.
+   any otherwise.
 """
 
 from __future__ import annotations
@@ -34,17 +32,9 @@ def condition_holds(similarity: float, threshold: float, comparison: str) -> boo
     return similarity > threshold if comparison == "above" else similarity < threshold
 
 
-def _before_the_read(member: dict, layer: int) -> bool:
-    heads = [l for l, *_ in member.get("heads") or []]
-    residual = list(member.get("residual") or {})
-    return any(l < layer for l in heads) or any(l < layer - 1 for l in residual)
-
-
 def cast_generate(model, prompt_ids, max_new_tokens, members, *, direction, layer, threshold, comparison):
     """(tokens, whether the condition held) for ``prompt_ids`` under ``members`` gated by the condition."""
     holds = condition_holds(condition_similarity(model, prompt_ids, direction, layer), threshold, comparison)
     if not holds:
         return greedy_tokens(model, prompt_ids, max_new_tokens, {"offset": 0}), False
-    if any(_before_the_read(m, layer) for m in members):
-        members = [{**m, "prompt_positions": "none"} for m in members]
     return composed_generate(model, prompt_ids, max_new_tokens, members), True

@@ -50,18 +50,6 @@ Member = tuple[SteeringSpec, SteerPack]
 STATIC_METHODS = ("iti", "residual", "mean_s")  # fixed rows, summed into the slot at the member's alpha
 
 
-def steered_layers(spec: SteeringSpec, pack: SteerPack) -> tuple[set[int], set[int]]:
-    """(head layers, residual layers) where a static member adds something."""
-    if spec.method == "iti":
-        return {l for l, h in pack.selected_heads if (spec.layers is None or l in spec.layers)
-                and (spec.heads is None or (l, h) in spec.heads)}, set()
-    if spec.method == "residual":
-        return set(), {l for l in pack.residual_layers.tolist() if spec.layers is None or l in spec.layers}
-    if spec.method == "mean_s":
-        return set(), {pack.manifest.l2s.steer_layer}
-    return set(), set()
-
-
 @dataclass(frozen=True)
 class RequestSteering:
     """How one request is steered now. A new object (not a mutation) whenever that changes, so the
@@ -86,10 +74,9 @@ class RequestSteering:
     # after a second backtrack, or with strength="paper" (filled as scores arrive)
     strengths: list[float] | None = None
     adaptive: bool = False  # strength="paper": each score sets the next position's scale
-    gate: tuple[ConditionRequest, SteerPack] | None = None  # CAST: the condition and its pack
-    # CAST: every steered layer comes after the condition is read, so the last prompt token's own
-    # forward can be gated; otherwise steering starts at the first generated token
-    gate_same_pass: bool = True
+    # CAST: the condition and its pack (the registry checked that every layer steered at the last
+    # prompt token comes after the condition's read, so that token is gated in its own forward)
+    gate: tuple[ConditionRequest, SteerPack] | None = None
 
     @classmethod
     def initial(cls, spec: Steering, packs: Sequence[SteerPack | None],
@@ -99,23 +86,13 @@ class RequestSteering:
         members = [(m, p) for m, p in zip(spec.members, packs) if m.active and p is not None]
         if not members:
             return None
-        added = tuple(mp for mp in members if mp[0].method in STATIC_METHODS)
-        gate, same_pass = None, True
-        if spec.gate is not None:
-            gate = (spec.gate, gate_pack)
-            layer = gate_pack.manifest.condition.layer
-            for m, p in added:
-                heads, residual = steered_layers(m, p)
-                # the gate runs on the output of layer - 1, before the residual op placed there
-                same_pass &= all(l >= layer for l in heads) and all(l >= layer - 1 for l in residual)
         return cls(
             spec,
-            added=added,
+            added=tuple(mp for mp in members if mp[0].method in STATIC_METHODS),
             l2s=next((mp for mp in members if mp[0].method == "l2s"), None),
             fasb=next((mp for mp in members if mp[0].monitored), None),
             monitor=any(m.monitored for m, _ in members),
-            gate=gate,
-            gate_same_pass=same_pass,
+            gate=(spec.gate, gate_pack) if spec.gate is not None else None,
         )
 
     @property
@@ -142,9 +119,7 @@ class RequestSteering:
         """The first position whose tokens use the request's (first) slot for steering."""
         if self.added or self.l2s is not None:
             start = self.spec.steer_start(num_prompt_tokens)
-            if start is None:
-                return NO_STEERING
-            return start if self.gate_same_pass else max(start, num_prompt_tokens)
+            return NO_STEERING if start is None else start
         return self.steer_from if self.fasb_alone_steers else NO_STEERING
 
     def second_steered(self) -> int:

@@ -79,6 +79,8 @@ REQUIRED: tuple[Needed, ...] = (
     # prefix cache (prefix_cache.py)
     Needed("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys",
            ("request", "start_token_idx", "end_token_idx")),
+    # a CAST request never reads the prefix cache (scheduler.py sets request.skip_reading_prefix_cache)
+    Needed("vllm.v1.request", "Request.get_skip_reading_prefix_cache", ("self",)),
     # scheduler (scheduler.py)
     Needed(_SCHED, "Scheduler.add_request", ("self", "request")),
     Needed(_SCHED, "Scheduler._update_request_with_output", ("self", "request", "new_token_ids")),
