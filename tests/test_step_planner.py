@@ -166,7 +166,7 @@ def test_condition_gate_reads_prompts_over_chunks_and_gates_the_slot():
     read again from zero; one whose tokens were computed unread fails instead of running unsteered."""
     planner, gate = _gated_planner()
     table = planner.table
-    specs = {r: {"pack": "p", "alpha": 2.0, "condition": "cond"} for r in "abcd"}
+    specs = {r: {"pack": "p", "alpha": 2.0, "prompt_positions": "none", "condition": "cond"} for r in "abcd"}
     args = _args(specs)
     lean, flat, stale = [3.0, 1.0], [0.1, 1.0], [0.0, 50.0]
 

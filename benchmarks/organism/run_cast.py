@@ -31,15 +31,14 @@ answers: among the prompts whose always-on answer differs from the unsteered one
 CAST answer equals the always-on answer (the gate was on) rather than the unsteered one (off); (b)
 holds only when the conditioned request is steered at the answer cue (see below).
 
-The engine steers a conditioned request's last prompt token only when every steered layer comes
-after the condition is read (ITI heads at layers >= the condition layer, residual vectors at layers
->= condition layer - 1); otherwise its steering starts at the first generated token, and the engine
-says nothing about it. This organism decides its answer at the last prompt token, so the script
-prints, for each conditioned setting, whether the engine's rule
-(``RequestSteering.initial(...).gate_same_pass``) holds. With the default candidate layers the fit
-reaches validation F1 1.000 at every layer and keeps the first, layer 1, where the rule holds for
-the pack's ITI heads (layer 1) and residual vectors (layers 0-3); ``--condition-layers 3`` shows the
-other case.
+The engine gates a conditioned request's last prompt token in its own forward, so a spec steering
+that token (``prompt_positions: last``) must steer only layers after the condition is read (ITI heads
+at layers >= the condition layer, residual vectors at layers >= condition layer - 1); any other is
+refused (400 naming ``prompt_positions``). This organism decides its answer at the last prompt
+token, so a refused setting is reported and left out (``prompt_positions: none`` would steer after
+the answer cue). With the default candidate layers the fit reaches validation F1 1.000 at every
+layer and keeps the first, layer 1, where the pack's ITI heads (layer 1) and residual vectors
+(layers 0-3) all qualify; ``--condition-layers 3`` shows the other case.
 """
 
 from __future__ import annotations
@@ -97,15 +96,20 @@ def predicted_gates(model: Path, condition_pack, prompts: list[str], batch_size:
     return sims.tolist(), point.holds(sims).tolist()
 
 
-def gated_in_same_pass(spec: dict, packs: dict) -> bool:
-    """The engine's own rule: whether a conditioned spec steers the last prompt token (True) or only
-    generated tokens (False)."""
-    from vllm_steer.engine.step_planner import RequestSteering
+def refusal(spec: dict, packs: dict) -> str | None:
+    """The engine's check of ``spec`` against the packs: its error message, or None when accepted."""
+    from vllm_steer.errors import SpecError
+    from vllm_steer.pack_registry import PackRegistry
     from vllm_steer.spec import parse_spec
 
-    steering = parse_spec({"steering": spec})
-    members = [packs[m.pack] for m in steering.members]
-    return RequestSteering.initial(steering, members, packs[CONDITION_PACK]).gate_same_pass
+    registry = PackRegistry(model=next(iter(packs.values())).manifest.model)
+    for pack in packs.values():
+        registry.add(pack)
+    try:
+        registry.resolve_all(parse_spec({"steering": spec}))
+    except SpecError as exc:
+        return str(exc)
+    return None
 
 
 def group_row(world, items, texts, unsteered_texts, answers, unsteered, always_on=None) -> dict:
@@ -188,7 +192,10 @@ def main(argv=None) -> int:
             label = f"{'ITI' if method == 'iti' else method} alpha={a:g}"
             settings.append((label, spec, None))
             settings.append((f"CAST {label}", {**spec, "condition": CONDITION_PACK}, len(settings) - 1))
-    same_pass = {label: gated_in_same_pass(spec, packs) for label, spec, base in settings if base is not None}
+    refused = {label: why for label, spec, base in settings if base is not None and (why := refusal(spec, packs))}
+    kept = [s for s in settings if s[0] not in refused]
+    position = {label: i for i, (label, _, _) in enumerate(kept)}  # a CAST row's base, by its label
+    settings = [(label, spec, None if base is None else position[settings[base][0]]) for label, spec, base in kept]
 
     llm = LLM(model=str(model), dtype="float32", max_model_len=256, max_num_seqs=256, seed=0,
               additional_config={"steering": {"packs": [str(behaviour_path), str(condition_path)]}})
@@ -218,8 +225,6 @@ def main(argv=None) -> int:
     result_rows = []
     for s, (label, spec, base) in enumerate(settings):
         row = {"setting": label, "spec": spec}
-        if base is not None:
-            row["gate_same_pass"] = same_pass[label]
         for mode in items:
             row[mode] = group_row(world, items[mode], texts[(s, mode)], texts[(0, mode)], answers[(s, mode)],
                                   answers[(0, mode)], answers[(base, mode)] if base is not None else None)
@@ -229,6 +234,7 @@ def main(argv=None) -> int:
         "behaviour_fit": json.loads(behaviour_fit.to_json()), "condition_pack": str(condition_path),
         "behaviour_pack": str(behaviour_path), "gate_predicted_hf": gate_prediction, "rows": result_rows,
         "n_eval_per_group": {m: len(v) for m, v in items.items()}, "generate_seconds": gen_seconds,
+        "refused_settings": refused,
         "seconds": time.time() - t0,
     }
     (out / "cast_results.json").write_text(json.dumps(result, indent=2))
@@ -238,11 +244,8 @@ def main(argv=None) -> int:
           f"{cast_fit['threshold']:g}, validation F1 {cast_fit['val_f1']:.3f}; predicted gate on the evaluation "
           f"prompts (HF): lying {gate_prediction['lying']['gate_on']}/{n}, honest "
           f"{gate_prediction['honest']['gate_on']}/{n}")
-    for label, ok in same_pass.items():
-        if not ok:
-            print(f"NOTE {label}: a steered layer comes before the condition layer, so the engine (accepting the "
-                  f"request without a warning) steers it from the first generated token only, not at the answer "
-                  f"cue where this organism decides; its 'gate on/off' columns, read from answers, do not apply")
+    for label, why in refused.items():
+        print(f"NOTE {label}: left out, the engine refuses it: {why}")
     print(f"{n} questions per speaker group, greedy, {args.max_tokens} tokens; 'changed' = answers that differ "
           f"from unsteered (whole completions in brackets); 'gate on/off | moved' = among the prompts "
           f"always-on moved, CAST answers equal to always-on / to unsteered")
