@@ -267,8 +267,8 @@ class StepPlanner:
             if steering is not None and steering.adaptive:
                 self._num_adaptive -= 1
             self._l2s_vectors.pop(req_id, None)
-            if steering is not None and steering.gate is not None:
-                self.gates[steering.gate[1].name].release(req_id)
+            for gate in self.gates.values():  # a failed request (steering None) may hold a row too
+                gate.release(req_id)
             self._gate_values.pop(req_id, None)
             self._gate_read_to.pop(req_id, None)
 
