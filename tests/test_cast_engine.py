@@ -113,7 +113,9 @@ def test_conditioned_requests_match_the_two_pass_reference(case):
     requests += [(p, None) for p in prompts]
     requests += [(p, [{k: v for k, v in GATED[0][0].items() if k != "condition"}]) for p in prompts[:3]]
     params = [greedy(MAX_NEW, None if specs is None else _spec(specs)) for _, specs in requests]
+    before = case["llm"].collective_rpc("vllm_steer_stats")[0]
     got = token_ids(case["llm"].generate([{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False))
+    after = case["llm"].collective_rpc("vllm_steer_stats")[0]
     plain = dict(zip(map(tuple, prompts), got[len(GATED) * len(prompts):]))
     held = []
     for (prompt, specs), tokens in zip(requests, got):
@@ -129,6 +131,9 @@ def test_conditioned_requests_match_the_two_pass_reference(case):
         if not holds:
             assert tokens == plain[tuple(prompt)]
     assert 0 < sum(held) < len(held)  # both groups present
+    # the engine counts one decision per conditioned request, and as many held as the reference says
+    assert after["conditions_decided"] - before["conditions_decided"] == len(held)
+    assert after["conditions_met"] - before["conditions_met"] == sum(held)
     # steering does something when the condition holds (so a gate stuck at 0 fails above)
     holding = [p for p, s in zip(prompts, case["sims"]) if s > case["threshold"]]
     steered = token_ids(case["llm"].generate([{"prompt_token_ids": p} for p in holding],

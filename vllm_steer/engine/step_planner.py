@@ -164,6 +164,9 @@ class StepPlanner:
         self._gate_values: dict[str, torch.Tensor] = {}  # req_id -> its decided gate ([1] on the device)
         self._gate_read_to: dict[str, int] = {}  # req_id -> prompt positions its condition has read
         self._gate_pending: list[tuple[str, ConditionGate]] = []  # decided in the last step
+        self.conditions_decided = 0  # CAST gates decided, over the engine's life
+        # how many of them held: summed on the device, read only when asked (conditions_met)
+        self._conditions_met = torch.zeros((), dtype=torch.float32, device=table.token_slots.device)
         self._l2s_vectors: dict[str, torch.Tensor] = {}  # req_id -> its predicted row (unit alpha)
         self._l2s_pending: list[tuple[str, int, L2SPredictor]] = []  # predicted in the last step
         self.l2s_predictions = 0  # predictor runs, over the engine's life
@@ -481,9 +484,16 @@ class StepPlanner:
         """Keep the gates decided in the last forward, and free their sum rows."""
         for req_id, gate in self._gate_pending:
             if req_id in self._requests:
-                self._gate_values[req_id] = gate.gate_of(req_id)
+                value = self._gate_values[req_id] = gate.gate_of(req_id)
+                self._conditions_met.add_(value.sum())
+                self.conditions_decided += 1
             gate.release(req_id)
         self._gate_pending = []
+
+    @property
+    def conditions_met(self) -> int:
+        """How many decided CAST gates held (reads the device: for statistics, not per step)."""
+        return int(self._conditions_met.item())
 
     def record_failure(self, req_id: str, exc: BaseException) -> None:
         """Stop steering ``req_id`` and report it (``take_failures``) so the scheduler fails it: a

@@ -33,7 +33,7 @@ def engine_stats(engine_core) -> dict:
         return {}
     ranks = engine_core.model_executor.collective_rpc(STATS_RPC)
     rank0 = ranks[0] if ranks else {}
-    for key in ("slots_in_use", "slots_total", "l2s_predictions"):
+    for key in ("slots_in_use", "slots_total", "l2s_predictions", "conditions_decided", "conditions_met"):
         stats[key] = rank0.get(key, 0)
     stats["workers_checked"] = getattr(engine_core, WORKERS_CHECKED_ATTR, 0)
     parallel = engine_core.vllm_config.parallel_config

@@ -172,6 +172,8 @@ class _SteeringCollector:
             ("backtracks", "FASB backtracks (each drops up to s generated tokens and regenerates them)"),
             ("recomputed_tokens", "Generated tokens dropped by FASB backtracks and generated again"),
             ("l2s_predictions", "L2S predictor runs (one per L2S request)"),
+            ("conditions_decided", "CAST conditions decided (one per conditioned request, in its prefill)"),
+            ("conditions_met", "CAST conditions that held (their request was steered)"),
             ("failed_requests", "Requests failed by an unexpected error in steering code (the engine served on)"),
         ):
             yield CounterMetricFamily(f"vllm_steer:{key}", help_text, value=stats.get(key, 0))

@@ -293,6 +293,8 @@ def steering_stats(worker) -> dict:
         "hooked_layers": planner.hooked_layers,
         "l2s_predictions": planner.l2s_predictions,
         "l2s_repeats": planner.l2s_repeats,
+        "conditions_decided": planner.conditions_decided,
+        "conditions_met": planner.conditions_met,
         "slots_in_use": planner.num_steered_requests,
         "slots_total": planner.table.max_num_reqs,  # requests that can hold a slot at once
     }
