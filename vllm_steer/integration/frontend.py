@@ -23,6 +23,7 @@ from vllm_steer.integration import compat
 from vllm_steer.integration.model_shape import model_shape_of
 from vllm_steer.integration.patching import patch
 from vllm_steer.integration.pipeline_stages import stage_split_problems
+from vllm_steer.models.families import family_of
 from vllm_steer.pack_registry import PackRegistry
 from vllm_steer.spec import SPEC_KEY, ComposedSpec, SteeringSpec, parse_spec, respell
 
@@ -143,6 +144,7 @@ def _create_engine_config(original, self, *args, **kwargs):
                               "worker, which under pipeline parallelism holds only its stage's layers)",
                               field="steering.capture")
         shape = model_shape_of(model_config)
+        family_of(shape.architecture)  # refuses an architecture vllm-steer does not steer, by name
         registry = PackRegistry.from_config(config, shape)
         split = stage_split_problems(registry, shape.num_layers, pp_size)
         if split:

@@ -18,18 +18,29 @@ from vllm_steer.engine.condition_gate import ConditionGate
 from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
+from vllm_steer.models.families import ModelFamily
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
 def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Decoder layers by index, for Llama/Qwen-style models (``...layers.N`` with ``self_attn.o_proj``)."""
+    """Every module named ``...layers.N``, by N (a pipeline stage's other layers are placeholders)."""
     layers = {}
     for name, module in model.named_modules():
         m = _LAYER_NAME.search(name)
-        if m and hasattr(module, "self_attn") and hasattr(module.self_attn, "o_proj"):
+        if m:
+            if int(m.group(1)) in layers:
+                raise RuntimeError(f"vllm-steer: {type(model).__name__} has two modules named as decoder layer "
+                                   f"{m.group(1)} (another stack of layers): not a layout vllm-steer steers")
             layers[int(m.group(1))] = module
     return layers
+
+
+def out_proj_of(layer: nn.Module, family: ModelFamily) -> nn.Module | None:
+    """The attention output projection of a decoder layer, where ``family`` says it is."""
+    attention = getattr(layer, family.attention, None)
+    projection = getattr(attention, family.out_proj, None) if attention is not None else None
+    return projection if isinstance(projection, nn.Module) else None
 
 
 def _steer_o_proj_input(module: nn.Module, args: tuple) -> None:
@@ -75,13 +86,14 @@ def _l2s_predict_after_layer(module: nn.Module, args: tuple, output):
     return output
 
 
-def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], stage_layers: range) -> list:
+def install_l2s_hooks(model: nn.Module, predictors: list[L2SPredictor], stage_layers: range,
+                      family: ModelFamily) -> list:
     """The L2S predictors after their read layers (those of ``stage_layers``, the layers this process
     runs). Install before ``install_hooks`` so a predictor reads the stream before any residual
     steering added at the same layer (forward hooks run in the order they were registered): with
     L' = L* the predictor reads the unsteered stream after L*, writes its row, and the steering hook
     right after it adds that row in the same pass."""
-    layers = checked_decoder_layers(model, stage_layers)
+    layers = checked_decoder_layers(model, stage_layers, family)
     handles = []
     by_layer: dict[int, list[L2SPredictor]] = {}
     for predictor in predictors:
@@ -111,11 +123,12 @@ def _condition_gate_after_layer(module: nn.Module, args: tuple, output):
     return output
 
 
-def install_condition_hooks(model: nn.Module, gates: list[ConditionGate], stage_layers: range) -> list:
+def install_condition_hooks(model: nn.Module, gates: list[ConditionGate], stage_layers: range,
+                            family: ModelFamily) -> list:
     """The CAST gates after the decoder layer before each condition layer (its output is the condition
     layer's input). Install before ``install_hooks``: a residual steering op on that same layer then
     runs after the gate, so the gate reads the unsteered stream and the op already adds the gated row."""
-    layers = checked_decoder_layers(model, stage_layers)
+    layers = checked_decoder_layers(model, stage_layers, family)
     by_layer: dict[int, list[ConditionGate]] = {}
     for gate in gates:
         if gate.layer - 1 in stage_layers:
@@ -134,22 +147,32 @@ def install_condition_hooks(model: nn.Module, gates: list[ConditionGate], stage_
     return handles
 
 
-def checked_decoder_layers(model: nn.Module, stage_layers: range) -> dict[int, nn.Module]:
-    """The decoder layers of ``stage_layers`` (every layer, or a pipeline stage's): under pipeline
-    parallelism the other stages' layers are placeholders without attention."""
-    layers = decoder_layers(model)
+def checked_decoder_layers(model: nn.Module, stage_layers: range, family: ModelFamily) -> dict[int, nn.Module]:
+    """The decoder layers of ``stage_layers`` (every layer, or a pipeline stage's), each checked
+    against ``family``'s layout: a layer without the attention output projection where the family
+    has it refuses the model, naming the layer and the path."""
+    found = decoder_layers(model)
+    layers = {i: found[i] for i in stage_layers if i in found}
     if sorted(layers) != list(stage_layers):
         raise RuntimeError(
-            f"vllm-steer found decoder layers {sorted(layers)} in {type(model).__name__}, expected "
-            f"{stage_layers.start}..{stage_layers.stop - 1}: this architecture is not supported"
+            f"vllm-steer found decoder layers {sorted(found)} in {type(model).__name__}, expected "
+            f"{stage_layers.start}..{stage_layers.stop - 1} (the {family.name} family's model.layers.N)"
         )
+    for index, layer in layers.items():
+        if out_proj_of(layer, family) is None:
+            raise RuntimeError(
+                f"vllm-steer: decoder layer {index} of {type(model).__name__} has no "
+                f"{family.attention}.{family.out_proj} module, where the {family.name} family has its "
+                "attention output projection: this checkpoint differs from the layout vllm-steer steers"
+            )
     return layers
 
 
-def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, stage_layers: range) -> list:
+def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, stage_layers: range,
+                          family: ModelFamily) -> list:
     """Eager-only hooks (they call Python every step): per-head o_proj input and residual stream."""
     handles = []
-    for index, block in checked_decoder_layers(model, stage_layers).items():
+    for index, block in checked_decoder_layers(model, stage_layers, family).items():
 
         def read_heads(module, args, layer=index):
             capturer.record("heads", layer, args[0])
@@ -158,21 +181,21 @@ def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, stage_
             hidden, residual = _stream_parts(output)
             capturer.record("residual", layer, hidden + residual)
 
-        handles.append(block.self_attn.o_proj.register_forward_pre_hook(read_heads))
+        handles.append(out_proj_of(block, family).register_forward_pre_hook(read_heads))
         handles.append(block.register_forward_hook(read_stream))
     return handles
 
 
-def install_hooks(model: nn.Module, table: SteeringTable, stage_layers: range,
+def install_hooks(model: nn.Module, table: SteeringTable, stage_layers: range, family: ModelFamily,
                   probes: ProbeTable | None = None) -> list:
     """Steering at every head/residual layer of the table that ``stage_layers`` (the layers this
     process runs) holds; at layers with probed heads the same op also writes the probe dots into
     ``probes.probe_out``."""
-    layers = checked_decoder_layers(model, stage_layers)
+    layers = checked_decoder_layers(model, stage_layers, family)
     handles = []
     layout = table.layout
     for layer in (l for l in table.head_layers if l in stage_layers):
-        o_proj = layers[layer].self_attn.o_proj
+        o_proj = out_proj_of(layers[layer], family)
         o_proj.register_buffer("vllm_steer_token_slots", table.token_slots, persistent=False)
         o_proj.register_buffer("vllm_steer_rows", table.head_rows_of(layer), persistent=False)
         o_proj.register_buffer("vllm_steer_token_scales", table.token_scales, persistent=False)

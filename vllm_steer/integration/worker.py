@@ -30,6 +30,7 @@ from vllm_steer.engine.condition_gate import ConditionGate
 from vllm_steer.engine.l2s_predictor import L2SPredictor
 from vllm_steer.engine.probe_table import ProbeTable
 from vllm_steer.engine.steering_table import SteeringTable
+from vllm_steer.models.families import family_of
 from vllm_steer.engine.step_planner import StepPlanner
 from vllm_steer.integration.model_hooks import (
     install_capture_hooks,
@@ -57,6 +58,7 @@ def _attach(runner) -> None:
     if config is None:
         return
     shape = model_shape_of(runner.model_config)
+    family = family_of(shape.architecture)
     registry = PackRegistry.from_config(config, shape)
     hooked = json.loads(json.dumps(registry.graph_key()))  # as it came through additional_config
     if config.hooked_layers is not None and config.hooked_layers != hooked:
@@ -96,9 +98,9 @@ def _attach(runner) -> None:
         pack.name: ConditionGate(pack, table, runner.max_num_reqs, runner.max_num_tokens, runner.device)
         for pack in registry.condition_packs
     }
-    install_l2s_hooks(runner.get_model(), list(predictors.values()), stage_layers)
-    install_condition_hooks(runner.get_model(), list(gates.values()), stage_layers)
-    handles = install_hooks(runner.get_model(), table, stage_layers, probes)
+    install_l2s_hooks(runner.get_model(), list(predictors.values()), stage_layers, family)
+    install_condition_hooks(runner.get_model(), list(gates.values()), stage_layers, family)
+    handles = install_hooks(runner.get_model(), table, stage_layers, family, probes)
     expected = sum(l in stage_layers for l in table.head_layers) + sum(l in stage_layers for l in table.residual_layers)
     if len(handles) != expected:
         raise RuntimeError(f"vllm-steer: {len(handles)} steering hooks placed for layers {hooked} "
@@ -108,7 +110,7 @@ def _attach(runner) -> None:
     setattr(runner, PLANNER_ATTR, planner)
     if config.capture:
         capturer = ActivationCapturer(shape.num_layers, layout.local_width, shape.hidden_size)
-        install_capture_hooks(runner.get_model(), capturer, stage_layers)
+        install_capture_hooks(runner.get_model(), capturer, stage_layers, family)
         setattr(runner, CAPTURER_ATTR, capturer)
     planner.pipeline_stage = this_stage()
     logger.info(

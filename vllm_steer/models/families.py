@@ -1,0 +1,77 @@
+"""The model families vllm-steer steers, each described explicitly: where its attention output
+projection and its decoder layer's residual output are, and what the steering ops assume of them.
+
+A steering engine starts only on an architecture listed in ``SUPPORTED`` (refused at start-up by
+name otherwise, with the supported list), and the worker checks every decoder layer against its
+family's description before hooking it (a checkpoint that differs, e.g. without the projection, is
+refused with the reason). Nothing is guessed from module names at run time.
+
+A family is supported once it is tested against the independent HF reference (ITI, residual,
+probes, L2S, capture); ``KNOWN`` lists architectures looked at but not yet supported, with why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_steer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family's layout in vLLM's model implementation.
+
+    ``attention`` / ``out_proj``: the attribute path from a decoder layer (``model.layers.N``) to its
+    attention module and from there to the output projection, whose input is the per-head attention
+    output ``[tokens, heads_on_this_rank * head_dim]``, heads contiguous (ITI's hook point).
+    ``layer_output``: ``"hidden_and_residual"`` when the decoder layer returns ``(hidden, residual)``
+    whose sum is the residual stream (HF's output of that layer), ``"stream"`` when it returns the
+    stream itself."""
+
+    name: str
+    architectures: tuple[str, ...]
+    attention: str = "self_attn"
+    out_proj: str = "o_proj"
+    layer_output: str = "hidden_and_residual"
+    notes: str = ""
+
+
+SUPPORTED: tuple[ModelFamily, ...] = (
+    ModelFamily("llama", ("LlamaForCausalLM",)),
+    ModelFamily("qwen2", ("Qwen2ForCausalLM",)),
+    ModelFamily("qwen3", ("Qwen3ForCausalLM",), notes="q/k norms inside attention, before the hook point"),
+)
+
+# Architectures looked at (vLLM 0.26 / 0.32 sources) and not supported yet: why.
+KNOWN: dict[str, str] = {
+    "MistralForCausalLM": "same hook points as Llama; not yet tested against the HF reference",
+    "MixtralForCausalLM": "same hook points as Llama (MoE MLP); not yet tested against the HF reference",
+    "Qwen2MoeForCausalLM": "same hook points as Qwen2 (MoE MLP); not yet tested against the HF reference",
+    "Qwen3MoeForCausalLM": "same hook points as Qwen3 (MoE MLP); not yet tested against the HF reference",
+    "Gemma2ForCausalLM": "post-attention norm after o_proj (head vectors are renormalised); not yet tested",
+    "Gemma3ForCausalLM": "post-attention norm after o_proj, sliding and full layers; not yet tested",
+    "Phi3ForCausalLM": "fused qkv, o_proj as Llama; not yet tested against the HF reference",
+    "Olmo2ForCausalLM": "runs through vLLM's Transformers backend (a batch dimension on every hook "
+                        "point); not yet supported",
+    "GraniteForCausalLM": "layers return the stream itself (residual_multiplier inside); not yet tested",
+    "GptOssForCausalLM": "attention at 'attn', not 'self_attn', with sinks; not yet supported",
+    "DeepseekV2ForCausalLM": "MLA: o_proj input is heads x v_head_dim, not the config's head_dim; not yet "
+                             "supported",
+}
+
+
+def supported_architectures() -> list[str]:
+    return [a for family in SUPPORTED for a in family.architectures]
+
+
+def family_of(architecture: str) -> ModelFamily:
+    """The supported family of ``architecture``; ConfigError naming it and the supported ones."""
+    for family in SUPPORTED:
+        if architecture in family.architectures:
+            return family
+    why = KNOWN.get(architecture, "not a family vllm-steer knows")
+    raise ConfigError(
+        f"vllm-steer does not steer {architecture} ({why}); supported architectures: "
+        f"{', '.join(supported_architectures())}",
+        field="model",
+    )
