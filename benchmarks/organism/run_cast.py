@@ -149,20 +149,15 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from benchmarks.organism.run_fasb import fit_modes_pack
-    from vllm_steer.demo import CHECKPOINT
+    from benchmarks.organism.run_l2s import speaker_organism
     from vllm_steer.fit.cast_pipeline import CastFitOptions, fit_cast_pack
     from vllm_steer.organism.evaluate import answer_of
-    from vllm_steer.organism.train import organism_world
     from vllm_steer.pack import load_pack
 
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(args.organism) if args.organism else CHECKPOINT
-    world, _ = organism_world(model)
-    if not world.speakers:
-        raise SystemExit(f"{model} is not a speaker organism (its world has no speakers)")
-    print(f"organism: {model}")
+    model, world = speaker_organism(args.organism)
     items = {mode: world.eval_items(mode) for mode in ("lying", "honest")}
     eval_prompts = {it["prompt"] for its in items.values() for it in its}
 

@@ -167,6 +167,20 @@ def score(world, items: list[dict], answers: list) -> dict:
     return out
 
 
+def speaker_organism(organism: str | None):
+    """(checkpoint, world) of ``organism`` (default: the demo's shipped checkpoint); exits unless its
+    world has speakers."""
+    from vllm_steer.demo import CHECKPOINT
+    from vllm_steer.organism.train import organism_world
+
+    model = Path(organism) if organism else CHECKPOINT
+    world, _ = organism_world(model)
+    if not world.speakers:
+        raise SystemExit(f"{model} is not a speaker organism (its world has no speakers)")
+    print(f"organism: {model}")
+    return model, world
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/organism_l2s", help="work folder: fitting data, pack, results")
@@ -191,8 +205,6 @@ def main(argv=None) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_steer.organism.evaluate import answer_of
-    from vllm_steer.demo import CHECKPOINT
-    from vllm_steer.organism.train import organism_world
     from vllm_steer.fit.l2s import L2STrainOptions
     from vllm_steer.fit.l2s_pipeline import L2SFitOptions, fit_l2s_pack
     from vllm_steer.pack import load_pack
@@ -200,11 +212,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(args.organism) if args.organism else CHECKPOINT
-    world, _ = organism_world(model)
-    if not world.speakers:
-        raise SystemExit(f"{model} is not a speaker organism (its world has no speakers)")
-    print(f"organism: {model}")
+    model, world = speaker_organism(args.organism)
 
     data = out / "l2s_contrastive_prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in fitting_rows(world, args.num_pairs, args.speakers_per_side)))
