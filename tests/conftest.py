@@ -17,9 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
-
-FAMILIES = ("llama", "qwen2", "qwen3")
+from vllm_steer.models.tiny_checkpoint import FAMILIES, cached_tiny_checkpoint
 
 
 def truthfulqa_dir() -> Path:

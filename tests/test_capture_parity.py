@@ -1,4 +1,5 @@
-"""Capture through vLLM equals plain HF hooks on the same model (float32, tight tolerance)."""
+"""Capture through vLLM equals plain HF hooks on the same model (float32, tight tolerance): Llama here,
+the other families in ``test_family_parity``."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from vllm_steer.pack.hf_shape import shape_of_checkpoint
 def setup(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    path = tiny_model("qwen3")
+    path = tiny_model("llama")
     llm = capture_engine(str(path), max_model_len=256, max_num_seqs=8, max_num_batched_tokens=48)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     yield llm, hf, shape_of_checkpoint(path)

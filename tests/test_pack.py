@@ -115,6 +115,26 @@ def test_pack_for_another_model_refused(tmp_path, pack, field, value):
     assert e.value.field == "model"
 
 
+def test_manifest_records_the_family_and_a_pack_is_refused_on_another_family_of_the_same_shape(tmp_path, pack):
+    path = save_pack(tmp_path / "p.safetensors", pack)
+    assert load_pack(path).manifest.model.family == "llama"
+    mistral = ModelShape(**{**SHAPE.model_dump(exclude={"family"}), "architecture": "MistralForCausalLM"})
+    assert mistral.family == "mistral"
+    with pytest.raises(PackError, match="does not fit the loaded model: .*family: pack has 'llama', model has "
+                                        "'mistral'") as e:
+        load_pack(path, model=mistral)
+    assert e.value.field == "model"
+    # a pack written before the field: the family is read off its architecture
+    model = {k: v for k, v in pack.manifest.model.model_dump(mode="json").items() if k != "family"}
+    old = _write_raw(tmp_path / "old.safetensors", pack, **{"manifest.model": model})
+    assert load_pack(old, model=SHAPE).manifest.model.family == "llama"
+    # a family contradicting the architecture is a malformed manifest
+    forged = _write_raw(tmp_path / "forged.safetensors", pack, **{"manifest.model": {**model, "family": "qwen2"}})
+    with pytest.raises(PackError, match=r"invalid manifest: .*family 'qwen2' does not match architecture "
+                                        r"'LlamaForCausalLM'"):
+        load_pack(forged)
+
+
 def test_fp16_tensors_load_as_float32(tmp_path, pack):
     path = _write_raw(
         tmp_path / "p.safetensors", pack, **{"heads.direction": pack.head_directions.half()}

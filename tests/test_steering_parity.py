@@ -1,4 +1,5 @@
-"""Parity: vllm-steer's greedy tokens equal an independent HF-transformers reference.
+"""Parity: vllm-steer's greedy tokens equal an independent HF-transformers reference (Llama,
+compiled: the ops inside the traced graph; the other families run eager in ``test_family_parity``).
 
 The reference (tests/reference/hf_steering.py) is written from the ITI / mean-difference formulas
 with forward hooks on plain transformers models, and reads the pack's tensors straight from the
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, close_llm, greedy, make_llm, random_prompts, token_ids
+from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
 from reference.hf_steering import greedy_generate
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
@@ -73,7 +74,7 @@ class FamilyCase:
                                prompt_positions=positions)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=["llama"])
 def case(request, tiny_model, tmp_path_factory):
     family = request.param
     path = tiny_model(family)
@@ -86,8 +87,7 @@ def case(request, tiny_model, tmp_path_factory):
             random_pack(shape, "resid", num_heads_selected=0, residual_layers=[1, shape.num_layers - 1], seed=12),
         ),
     }
-    # Llama runs compiled (the ops inside the traced graph); the other families eager, to keep CI short
-    llm = make_llm(path, packs=list(packs.values()), enforce_eager=family != "llama")
+    llm = make_llm(path, packs=list(packs.values()))
     yield FamilyCase(family, path, packs, llm)
     close_llm(llm)
 

@@ -195,3 +195,29 @@ def test_condition_gate_reads_prompts_over_chunks_and_gates_the_slot():
     assert "d" in planner.take_failures()
     planner.forget(["a", "b", "c", "d"])
     assert len(gate._free_rows) == gate.sums.shape[0] - 1
+
+
+def test_cached_unit_rows_are_bounded_in_bytes_and_evicted_rows_are_rebuilt(monkeypatch):
+    """The unit-alpha rows cached per (pack, method, subset) sit on the device: on wide models the
+    entry count alone would let them grow past a GiB, so the cache is bounded in bytes too."""
+    from vllm_steer.engine import steering_table
+    from vllm_steer.spec import SteeringSpec
+
+    planner, registry = _planner()
+    table, pack = planner.table, registry.packs["p"]
+    entry = table._base_rows(SteeringSpec(pack="p", alpha=1.0), pack)
+    entry_bytes = entry[0].nbytes + entry[1].nbytes
+    monkeypatch.setattr(steering_table, "BASE_CACHE_BYTES", 3 * entry_bytes)
+    subsets = [[[l, h]] for l, h in pack.selected_heads]  # five single-head subsets: five entries
+    for heads in subsets:
+        table.write_slot(1, SteeringSpec(pack="p", alpha=2.0, heads=heads), pack)
+        assert table.cached_base_bytes() <= 3 * entry_bytes
+    assert len(table._bases) == 3
+    # the first subset was evicted; writing it again rebuilds the same rows
+    spec = SteeringSpec(pack="p", alpha=2.0, heads=subsets[0])
+    table.write_slot(2, spec, pack)
+    layer, head = pack.selected_heads[0]
+    torch.testing.assert_close(table.head_rows_of(layer)[2, head * 8:(head + 1) * 8],
+                               2.0 * pack.head_sigmas[0] * pack.head_directions[0])
+    assert table.head_rows[:, 2].abs().sum() == table.head_rows_of(layer)[2, head * 8:(head + 1) * 8].abs().sum()
+    assert table.buffer_bytes() == 4 * 64 * 2 + 4 * (len(table.head_layers) * 5 * 32 + 1 * 5 * 32)

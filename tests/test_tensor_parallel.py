@@ -1,4 +1,8 @@
-"""Tensor parallelism: with TP=2 each rank steers only its own heads; tokens equal the HF reference."""
+"""Tensor parallelism: with TP=2 each rank steers only its own heads; tokens equal the HF reference.
+
+One case per attention layout: Llama with grouped-query attention (4 heads, 2 KV heads), and Mixtral
+with multi-head attention (4 KV heads) and a mixture-of-experts MLP (each rank holds part of every
+expert; the residual rows are added to the all-reduced stream)."""
 
 import os
 
@@ -8,15 +12,20 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
+from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
 from reference.hf_steering import greedy_generate
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack
 
 
-@pytest.fixture(scope="module")
-def tp2(tiny_model, tmp_path_factory):
-    path = tiny_model("llama")
+LAYOUTS = {"gqa-llama": ("llama", {}), "mha-moe-mixtral": ("mixtral", {"num_kv_heads": 4})}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def tp2(request, model_cache, tmp_path_factory):
+    family, shape_kwargs = LAYOUTS[request.param]
+    path = cached_tiny_checkpoint(family, cache_root=model_cache, **shape_kwargs)
     shape = shape_of_checkpoint(path)
     pack = save_pack(tmp_path_factory.mktemp("tp") / "p.safetensors",
                      random_pack(shape, "p", num_heads_selected=6, residual_layers=[1], seed=21,

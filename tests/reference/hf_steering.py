@@ -76,9 +76,10 @@ def steering_hooks(model, *, heads=None, residual=None, alpha=0.0, prompt_len=0,
 
 
 @torch.no_grad()
-def greedy_tokens(model, prompt_ids, max_new_tokens, state) -> list[int]:
+def greedy_tokens(model, prompt_ids, max_new_tokens, state, logprobs=None) -> list[int]:
     """Greedy continuation of ``prompt_ids`` (EOS ignored) with the KV cache, one token per step after
-    the prompt; ``state["offset"]`` holds the position of each forward's first token for the hooks."""
+    the prompt; ``state["offset"]`` holds the position of each forward's first token for the hooks.
+    ``logprobs``, a list, receives each chosen token's log-softmax of the logits."""
     out: list[int] = []
     ids = torch.tensor([[int(t) for t in prompt_ids]], device=model.device)
     past = None
@@ -88,15 +89,17 @@ def greedy_tokens(model, prompt_ids, max_new_tokens, state) -> list[int]:
         state["offset"] += ids.shape[1]
         token = int(result.logits[0, -1].argmax())
         out.append(token)
+        if logprobs is not None:
+            logprobs.append(float(torch.log_softmax(result.logits[0, -1].float(), dim=-1)[token]))
         ids = torch.tensor([[token]], device=model.device)
     return out
 
 
 def greedy_generate(model, prompt_ids, max_new_tokens, *, heads=None, residual=None, alpha=0.0,
-                    prompt_positions="last"):
+                    prompt_positions="last", logprobs=None):
     """Greedy continuation of ``prompt_ids`` (EOS ignored); ``heads`` = [(layer, head, theta, sigma)],
-    ``residual`` = {layer: vector}."""
+    ``residual`` = {layer: vector}; ``logprobs`` as in ``greedy_tokens``."""
     state = {"offset": 0}
     with steering_hooks(model, heads=heads, residual=residual, alpha=alpha, prompt_len=len(prompt_ids),
                         prompt_positions=prompt_positions, state=state):
-        return greedy_tokens(model, prompt_ids, max_new_tokens, state)
+        return greedy_tokens(model, prompt_ids, max_new_tokens, state, logprobs)

@@ -59,6 +59,10 @@ class ProbeTable:
         """The layers that need probe buffers: those of every selected head of packs with probes."""
         return sorted({l for p in packs if p.probe_weights is not None for l in p.head_layers.tolist()})
 
+    def buffer_bytes(self) -> int:
+        """Device bytes of the per-slot probe rows and the per-token probe outputs."""
+        return self.probe_rows.nbytes + self.probe_out.nbytes
+
     def has_layer(self, layer: int) -> bool:
         return layer in self._layer_index
 

@@ -30,6 +30,10 @@ from vllm_steer.pack import SteerPack
 from vllm_steer.spec import SteeringSpec
 
 BASE_CACHE_SIZE = 256
+# The unit-alpha rows cached per (pack, method, subset) live on the device beside the table; on wide
+# models with every layer hooked (live packs on a 70B shape: ~3 MB an entry) the entry count alone
+# would let them grow past a GiB, so they are also bounded in bytes (the newest entry always stays).
+BASE_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,15 @@ class SteeringTable:
             residual.to(self.device),
         )
         self._bases[key] = rows
-        if len(self._bases) > BASE_CACHE_SIZE:
+        while len(self._bases) > 1 and (len(self._bases) > BASE_CACHE_SIZE
+                                        or self.cached_base_bytes() > BASE_CACHE_BYTES):
             self._bases.popitem(last=False)
         return rows
+
+    def cached_base_bytes(self) -> int:
+        return sum(h.nbytes + r.nbytes for h, r in self._bases.values())
+
+    def buffer_bytes(self) -> int:
+        """Device bytes of the persistent buffers (token arrays and per-slot rows; the cached unit
+        rows, at most BASE_CACHE_BYTES more, are ``cached_base_bytes``)."""
+        return sum(t.nbytes for t in (self.token_slots, self.token_scales, self.head_rows, self.residual_rows))

@@ -43,23 +43,30 @@ def out_proj_of(layer: nn.Module, family: ModelFamily) -> nn.Module | None:
     return projection if isinstance(projection, nn.Module) else None
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [tokens, width]: vLLM's own models pass [T, width]; its Transformers backend
+    (families run through it, e.g. OLMo 2) passes [1, T, width]. A view, so in-place steering lands
+    in ``x``."""
+    return x.view(-1, x.shape[-1]) if x.dim() == 3 else x
+
+
 def _steer_o_proj_input(module: nn.Module, args: tuple) -> None:
     torch.ops.vllm_steer.steer_probe(
-        args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, None, None,
+        _token_rows(args[0]), module.vllm_steer_token_slots, module.vllm_steer_rows, None, None,
         module.vllm_steer_num_heads, module.vllm_steer_head_dim, module.vllm_steer_token_scales,
     )
 
 
 def _steer_and_probe_o_proj_input(module: nn.Module, args: tuple) -> None:
     torch.ops.vllm_steer.steer_probe(
-        args[0], module.vllm_steer_token_slots, module.vllm_steer_rows, module.vllm_steer_probe_rows,
+        _token_rows(args[0]), module.vllm_steer_token_slots, module.vllm_steer_rows, module.vllm_steer_probe_rows,
         module.vllm_steer_probe_out, module.vllm_steer_num_heads, module.vllm_steer_head_dim,
         module.vllm_steer_token_scales,
     )
 
 
 def _steer_layer_output(module: nn.Module, args: tuple, output):
-    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = _token_rows(output[0] if isinstance(output, tuple) else output)
     torch.ops.vllm_steer.steer_probe(
         hidden, module.vllm_steer_token_slots, module.vllm_steer_residual_rows, None, None,
         1, hidden.shape[-1], module.vllm_steer_token_scales,
@@ -70,8 +77,8 @@ def _steer_layer_output(module: nn.Module, args: tuple, output):
 def _stream_parts(output) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM decoder layers return (hidden_states, residual); the residual stream is their sum."""
     if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
-        return output[0], output[1]
-    hidden = output[0] if isinstance(output, tuple) else output
+        return _token_rows(output[0]), _token_rows(output[1])
+    hidden = _token_rows(output[0] if isinstance(output, tuple) else output)
     return hidden, torch.zeros_like(hidden)
 
 
@@ -175,7 +182,7 @@ def install_capture_hooks(model: nn.Module, capturer: ActivationCapturer, stage_
     for index, block in checked_decoder_layers(model, stage_layers, family).items():
 
         def read_heads(module, args, layer=index):
-            capturer.record("heads", layer, args[0])
+            capturer.record("heads", layer, _token_rows(args[0]))
 
         def read_stream(module, args, output, layer=index):
             hidden, residual = _stream_parts(output)

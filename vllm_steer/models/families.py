@@ -40,20 +40,21 @@ SUPPORTED: tuple[ModelFamily, ...] = (
     ModelFamily("llama", ("LlamaForCausalLM",)),
     ModelFamily("qwen2", ("Qwen2ForCausalLM",)),
     ModelFamily("qwen3", ("Qwen3ForCausalLM",), notes="q/k norms inside attention, before the hook point"),
+    ModelFamily("mistral", ("MistralForCausalLM",)),
+    ModelFamily("mixtral", ("MixtralForCausalLM",), notes="MoE MLP"),
+    ModelFamily("qwen3_moe", ("Qwen3MoeForCausalLM",), notes="MoE MLP, q/k norms"),
+    ModelFamily("gemma2", ("Gemma2ForCausalLM",),
+                notes="norm after o_proj (head steering is renormalised with the head outputs), soft-capping"),
+    ModelFamily("gemma3", ("Gemma3ForCausalLM",), notes="norm after o_proj, q/k norms, sliding and full layers"),
+    ModelFamily("phi3", ("Phi3ForCausalLM",), notes="fused qkv; vLLM runs it as Llama"),
+    ModelFamily("granite", ("GraniteForCausalLM",), layer_output="stream",
+                notes="layers return the stream (residual_multiplier inside)"),
+    ModelFamily("olmo2", ("Olmo2ForCausalLM",), layer_output="stream"),
 )
 
 # Architectures looked at (vLLM 0.26 / 0.32 sources) and not supported yet: why.
 KNOWN: dict[str, str] = {
-    "MistralForCausalLM": "same hook points as Llama; not yet tested against the HF reference",
-    "MixtralForCausalLM": "same hook points as Llama (MoE MLP); not yet tested against the HF reference",
     "Qwen2MoeForCausalLM": "same hook points as Qwen2 (MoE MLP); not yet tested against the HF reference",
-    "Qwen3MoeForCausalLM": "same hook points as Qwen3 (MoE MLP); not yet tested against the HF reference",
-    "Gemma2ForCausalLM": "post-attention norm after o_proj (head vectors are renormalised); not yet tested",
-    "Gemma3ForCausalLM": "post-attention norm after o_proj, sliding and full layers; not yet tested",
-    "Phi3ForCausalLM": "fused qkv, o_proj as Llama; not yet tested against the HF reference",
-    "Olmo2ForCausalLM": "runs through vLLM's Transformers backend (a batch dimension on every hook "
-                        "point); not yet supported",
-    "GraniteForCausalLM": "layers return the stream itself (residual_multiplier inside); not yet tested",
     "GptOssForCausalLM": "attention at 'attn', not 'self_attn', with sinks; not yet supported",
     "DeepseekV2ForCausalLM": "MLA: o_proj input is heads x v_head_dim, not the config's head_dim; not yet "
                              "supported",
@@ -62,6 +63,11 @@ KNOWN: dict[str, str] = {
 
 def supported_architectures() -> list[str]:
     return [a for family in SUPPORTED for a in family.architectures]
+
+
+def family_name_of(architecture: str) -> str | None:
+    """The name of ``architecture``'s supported family, None when vllm-steer steers no such family."""
+    return next((f.name for f in SUPPORTED if architecture in f.architectures), None)
 
 
 def family_of(architecture: str) -> ModelFamily:

@@ -17,8 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FAMILIES = ("llama", "qwen2", "qwen3")
-_BUILDER_VERSION = 2
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3", "granite",
+            "olmo2")
+_BUILDER_VERSION = 3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -66,8 +67,15 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
     return fast
 
 
+def _derived_head_dim(family: str, head_dim, hidden_size, num_heads) -> None:
+    if head_dim not in (None, hidden_size // num_heads):
+        raise ValueError(f"{family} derives head_dim from hidden_size / num_heads")
+
+
 def _config(family: str, *, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
             intermediate_size, max_position_embeddings, init_std, tie_word_embeddings, bos_id, eos_id, pad_id):
+    import transformers
+
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
@@ -75,25 +83,60 @@ def _config(family: str, *, vocab_size, hidden_size, num_layers, num_heads, num_
         tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_id, eos_token_id=eos_id,
         pad_token_id=pad_id, rms_norm_eps=1e-6, torch_dtype="float32",
     )
+    head_dim_or_default = head_dim or hidden_size // num_heads
+    # MoE families: 4 small experts, 2 per token (vLLM's CPU MoE wants widths divisible by 32)
+    moe_width = max(32, intermediate_size // 4)
     if family == "llama":
-        from transformers import LlamaConfig
-
-        cfg = LlamaConfig(**common, head_dim=head_dim or hidden_size // num_heads)
-        cfg.architectures = ["LlamaForCausalLM"]
+        cfg, arch = transformers.LlamaConfig(**common, head_dim=head_dim_or_default), "LlamaForCausalLM"
     elif family == "qwen2":
-        from transformers import Qwen2Config
-
-        if head_dim not in (None, hidden_size // num_heads):
-            raise ValueError("qwen2 derives head_dim from hidden_size / num_heads")
-        cfg = Qwen2Config(**common, use_sliding_window=False)
-        cfg.architectures = ["Qwen2ForCausalLM"]
+        _derived_head_dim(family, head_dim, hidden_size, num_heads)
+        cfg, arch = transformers.Qwen2Config(**common, use_sliding_window=False), "Qwen2ForCausalLM"
     elif family == "qwen3":
-        from transformers import Qwen3Config
-
-        cfg = Qwen3Config(**common, head_dim=head_dim or hidden_size // num_heads, use_sliding_window=False)
-        cfg.architectures = ["Qwen3ForCausalLM"]
+        cfg = transformers.Qwen3Config(**common, head_dim=head_dim_or_default, use_sliding_window=False)
+        arch = "Qwen3ForCausalLM"
+    elif family == "mistral":
+        # HF's default sliding window (4096) would be applied by vLLM to every layer
+        cfg = transformers.MistralConfig(**common, head_dim=head_dim_or_default, sliding_window=None)
+        arch = "MistralForCausalLM"
+    elif family == "mixtral":
+        cfg = transformers.MixtralConfig(**common, head_dim=head_dim_or_default, sliding_window=None,
+                                         num_local_experts=4, num_experts_per_tok=2)
+        arch = "MixtralForCausalLM"
+    elif family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=head_dim_or_default, use_sliding_window=False,
+                                          moe_intermediate_size=moe_width, num_experts=4, num_experts_per_tok=2,
+                                          decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+        arch = "Qwen3MoeForCausalLM"
+    elif family == "gemma2":
+        # vLLM 0.26 loads Gemma 2 only with tied embeddings; every other layer is sliding (window
+        # longer than any test sequence), attention and final logits soft-capped
+        cfg = transformers.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=head_dim_or_default,
+                                        hidden_activation="gelu_pytorch_tanh",
+                                        query_pre_attn_scalar=head_dim_or_default,
+                                        sliding_window=max_position_embeddings, attn_logit_softcapping=50.0,
+                                        final_logit_softcapping=30.0)
+        arch = "Gemma2ForCausalLM"
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True}, head_dim=head_dim_or_default,
+            query_pre_attn_scalar=head_dim_or_default, sliding_window=max_position_embeddings,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        )
+        arch = "Gemma3ForCausalLM"
+    elif family == "phi3":
+        _derived_head_dim(family, head_dim, hidden_size, num_heads)
+        cfg, arch = transformers.Phi3Config(**common, sliding_window=None), "Phi3ForCausalLM"
+    elif family == "granite":
+        _derived_head_dim(family, head_dim, hidden_size, num_heads)
+        cfg = transformers.GraniteConfig(**common, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                         attention_multiplier=1.0 / head_dim_or_default, logits_scaling=2.0)
+        arch = "GraniteForCausalLM"
+    elif family == "olmo2":
+        _derived_head_dim(family, head_dim, hidden_size, num_heads)
+        cfg, arch = transformers.Olmo2Config(**common), "Olmo2ForCausalLM"
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    cfg.architectures = [arch]
     return cfg
 
 
@@ -141,8 +184,13 @@ def build_tiny_checkpoint(
             else:
                 # The output head gets the larger scale; with tied embeddings the shared matrix
                 # (named embed_tokens, lm_head is deduplicated away) is that head.
-                is_head = name.startswith("lm_head") or (tie_word_embeddings and "embed_tokens" in name)
+                is_head = name.startswith("lm_head") or (cfg.tie_word_embeddings and "embed_tokens" in name)
                 std = head_std if is_head else init_std
+                if is_head and cfg.model_type.startswith("gemma"):
+                    # Gemma ties the head to the input embedding and scales that by sqrt(hidden): at
+                    # the full head scale the stream would dwarf every attention output (post-norms
+                    # fix their size), and no steering could move the greedy tokens
+                    std = head_std / 5
                 param.copy_(std * torch.randn(param.shape, generator=gen))
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -59,11 +59,31 @@ class ModelShape(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str = Field(min_length=1, description="HF architecture name, e.g. LlamaForCausalLM")
+    family: str | None = Field(
+        default=None,
+        description="vllm-steer's model family of the architecture (None when it steers no such family); "
+                    "filled from the architecture when absent (packs written before the field)",
+    )
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
     num_kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_of_architecture(cls, data: Any) -> Any:
+        from vllm_steer.models.families import family_name_of
+
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), str):
+            return data
+        expected = family_name_of(data["architecture"])
+        if "family" not in data:
+            return {**data, "family": expected}
+        if data["family"] != expected:
+            raise ValueError(f"family {data['family']!r} does not match architecture {data['architecture']!r} "
+                             f"(whose family is {expected!r})")
+        return data
 
     def mismatches(self, other: ModelShape) -> list[str]:
         """Names and values of every field that differs from ``other`` (the loaded model)."""
