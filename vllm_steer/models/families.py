@@ -19,14 +19,16 @@ from vllm_steer.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One family's layout in vLLM's model implementation.
+    """One family's layout in vLLM's model implementation (``name`` is also the family that
+    ``vllm_steer.models.tiny_checkpoint`` builds test checkpoints of).
 
     ``attention`` / ``out_proj``: the attribute path from a decoder layer (``model.layers.N``) to its
     attention module and from there to the output projection, whose input is the per-head attention
     output ``[tokens, heads_on_this_rank * head_dim]``, heads contiguous (ITI's hook point).
     ``layer_output``: ``"hidden_and_residual"`` when the decoder layer returns ``(hidden, residual)``
     whose sum is the residual stream (HF's output of that layer), ``"stream"`` when it returns the
-    stream itself."""
+    stream itself. Hook inputs may carry a leading batch dimension of 1 (vLLM's Transformers backend,
+    e.g. OLMo 2); the hooks view them as [tokens, width]."""
 
     name: str
     architectures: tuple[str, ...]

@@ -1,5 +1,6 @@
-"""Small Llama / Qwen2 / Qwen3 checkpoints built offline: random weights and a byte-level BPE
-tokenizer trained on a generated corpus. Both HF transformers and vLLM load them.
+"""Small checkpoints of every family in ``FAMILIES`` built offline from a ``transformers`` config:
+random weights and a byte-level BPE tokenizer trained on a generated corpus. Both HF transformers
+and vLLM load them (MoE families get 4 experts, 2 per token; Gemma ties its embeddings).
 
 No weights can be downloaded on our machines, so tests, demos and benchmarks build their models
 here. Weights are deterministic from the seed. The output head is initialised larger than usual so
