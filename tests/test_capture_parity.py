@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import close_llm, random_prompts
-from reference.hf_capture import hf_layer_activations
+from reference.hf_capture import assert_captures_match
 from vllm_steer.fit.capture import CaptureItem, capture_activations, capture_engine
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 
@@ -26,15 +26,7 @@ def test_captured_activations_match_hf_hooks(setup):
     seqs = random_prompts(20, 512, seed=3, min_len=4, max_len=60)  # > 48 tokens: chunked prefill
     items = [CaptureItem(tuple(s), positions=(len(s) - 1, 1), mean_from=len(s) // 2) for s in seqs]
     got = capture_activations(llm, items, shape, batch_size=7, progress=False)
-    H, D = shape.num_heads, shape.head_dim
-    for i, s in enumerate(seqs):
-        heads, stream = hf_layer_activations(hf, s)
-        for p, pos in enumerate(items[i].positions):
-            torch.testing.assert_close(got.heads_at[i, p], heads[pos].view(-1, H, D), rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(got.residual_at[i, p], stream[pos], rtol=1e-4, atol=1e-4)
-        lo = items[i].mean_from
-        torch.testing.assert_close(got.heads_mean[i], heads[lo:].mean(0).view(-1, H, D), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got.residual_mean[i], stream[lo:].mean(0), rtol=1e-4, atol=1e-4)
+    assert_captures_match(got, items, hf, shape.num_heads, shape.head_dim)
     # Different sequences give different activations (the comparison is not vacuous).
     assert not torch.allclose(got.heads_at[0], got.heads_at[1])
 

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
-from reference.hf_capture import hf_layer_activations
+from reference.hf_capture import assert_captures_match
 from reference.hf_fasb import fasb_generate
 from reference.hf_l2s import l2s_generate
-from reference.hf_steering import greedy_generate
+from steering_cases import concrete, reference_tokens, symbolic_specs
 from vllm_steer.fit.capture import CaptureItem, capture_activations
 from vllm_steer.models.families import SUPPORTED
 from vllm_steer.pack import save_pack
@@ -32,14 +32,7 @@ from vllm_steer.pack.synthetic import random_pack
 FAMILIES = [f.name for f in SUPPORTED if f.name != "llama"]
 MAX_NEW = 10
 L2S_LAYERS = (1, 2)  # read after layer 1, steer after layer 2
-SPECS = [
-    None,
-    {"pack": "p", "method": "iti", "alpha": 3.0},
-    {"pack": "p", "method": "iti", "alpha": -4.0, "prompt_positions": "all"},
-    {"pack": "p", "method": "iti", "alpha": 5.0, "prompt_positions": "none", "heads": "first3"},
-    {"pack": "p", "method": "residual", "alpha": 1.5, "prompt_positions": "all"},
-    {"pack": "p", "method": "residual", "alpha": -2.0, "layers": "first_residual_layer"},
-]
+SPECS = symbolic_specs("p", "p")  # one pack holds the heads (with probes), residual vectors and L2S
 
 
 class FamilyCase:
@@ -55,32 +48,11 @@ class FamilyCase:
         self.prompts = random_prompts(6, self.hf.config.vocab_size, seed=7, min_len=3, max_len=40)
 
     def concrete(self, spec):
-        if spec is None:
-            return None
-        spec = dict(spec)
-        if spec.get("heads") == "first3":
-            spec["heads"] = [[int(l), int(h)] for l, h in zip(self.raw["heads.layer"][:3], self.raw["heads.head"][:3])]
-        if spec.get("layers") == "first_residual_layer":
-            spec["layers"] = [int(self.raw["residual.layer"].min())]
-        return spec
+        return concrete(spec, {"p": self.raw})
 
     def steered(self, spec, prompt, logprobs=None):
-        """HF greedy tokens of ``prompt`` under ``spec`` (ITI / residual / none)."""
-        if spec is None:
-            return greedy_generate(self.hf, prompt, MAX_NEW, logprobs=logprobs)
-        raw = self.raw
-        layers = set(spec.get("layers") or range(self.shape.num_layers))
-        positions = spec.get("prompt_positions", "last")
-        if spec["method"] == "iti":
-            wanted = {tuple(h) for h in spec["heads"]} if spec.get("heads") else None
-            heads = [(int(l), int(h), raw["heads.direction"][i], float(raw["heads.sigma"][i]))
-                     for i, (l, h) in enumerate(zip(raw["heads.layer"], raw["heads.head"]))
-                     if int(l) in layers and (wanted is None or (int(l), int(h)) in wanted)]
-            return greedy_generate(self.hf, prompt, MAX_NEW, heads=heads, alpha=spec["alpha"],
-                                   prompt_positions=positions, logprobs=logprobs)
-        residual = {int(l): raw["residual.vector"][i] for i, l in enumerate(raw["residual.layer"]) if int(l) in layers}
-        return greedy_generate(self.hf, prompt, MAX_NEW, residual=residual, alpha=spec["alpha"],
-                               prompt_positions=positions, logprobs=logprobs)
+        """HF greedy tokens of ``prompt`` under a concrete ITI / residual ``spec`` (None: unsteered)."""
+        return reference_tokens(self.hf, {"p": self.raw}, spec, prompt, MAX_NEW, logprobs=logprobs)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -165,13 +137,5 @@ def test_capture_matches_hf_hooks(case):
     seqs = random_prompts(5, case.hf.config.vocab_size, seed=3, min_len=4, max_len=50)  # > 32: chunked
     items = [CaptureItem(tuple(s), positions=(len(s) - 1, 1), mean_from=len(s) // 2) for s in seqs]
     got = capture_activations(case.llm, items, shape, batch_size=3, progress=False)
-    H, D = shape.num_heads, shape.head_dim
-    for i, s in enumerate(seqs):
-        heads, stream = hf_layer_activations(case.hf, s)
-        for p, pos in enumerate(items[i].positions):
-            torch.testing.assert_close(got.heads_at[i, p], heads[pos].view(-1, H, D), rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(got.residual_at[i, p], stream[pos], rtol=1e-4, atol=1e-4)
-        lo = items[i].mean_from
-        torch.testing.assert_close(got.heads_mean[i], heads[lo:].mean(0).view(-1, H, D), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got.residual_mean[i], stream[lo:].mean(0), rtol=1e-4, atol=1e-4)
+    assert_captures_match(got, items, case.hf, shape.num_heads, shape.head_dim)
     assert not torch.allclose(got.heads_at[0], got.heads_at[1])

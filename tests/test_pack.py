@@ -128,6 +128,9 @@ def test_manifest_records_the_family_and_a_pack_is_refused_on_another_family_of_
     model = {k: v for k, v in pack.manifest.model.model_dump(mode="json").items() if k != "family"}
     old = _write_raw(tmp_path / "old.safetensors", pack, **{"manifest.model": model})
     assert load_pack(old, model=SHAPE).manifest.model.family == "llama"
+    # ... as does one written before its architecture's family was supported (family null then)
+    unknown_then = _write_raw(tmp_path / "then.safetensors", pack, **{"manifest.model": {**model, "family": None}})
+    assert load_pack(unknown_then, model=SHAPE).manifest.model.family == "llama"
     # a family contradicting the architecture is a malformed manifest
     forged = _write_raw(tmp_path / "forged.safetensors", pack, **{"manifest.model": {**model, "family": "qwen2"}})
     with pytest.raises(PackError, match=r"invalid manifest: .*family 'qwen2' does not match architecture "

@@ -63,7 +63,7 @@ def test_text_summary_names_what_a_person_looks_for(pack_file):
     pack = load_pack(pack_file)
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in text.splitlines()}
     assert lines["steer pack"] == "truthful"
-    assert lines["model"].startswith("Qwen3ForCausalLM") and "6 layers x 4 heads" in lines["model"]
+    assert lines["model"].startswith("Qwen3ForCausalLM (family qwen3): 6 layers x 4 heads")
     assert lines["methods"] == "iti, residual, l2s, mean_s, fasb"
     heads = lines["heads (K=3)"]
     for layer, head in pack.selected_heads:

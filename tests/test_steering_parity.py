@@ -13,21 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
-from reference.hf_steering import greedy_generate
+from steering_cases import concrete, reference_tokens, symbolic_specs
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack
 
 MAX_NEW = 12
-SPECS = [
-    None,
-    {"pack": "heads", "method": "iti", "alpha": 3.0},
-    {"pack": "heads", "method": "iti", "alpha": -4.0, "prompt_positions": "all"},
-    {"pack": "heads", "method": "iti", "alpha": 5.0, "prompt_positions": "none", "heads": "first3"},
-    {"pack": "heads", "method": "iti", "alpha": 4.0, "layers": "first_layer"},
-    {"pack": "resid", "method": "residual", "alpha": 1.5, "prompt_positions": "all"},
-    {"pack": "resid", "method": "residual", "alpha": -2.0, "layers": "first_layer"},
-]
+SPECS = symbolic_specs("heads", "resid")
 
 
 class FamilyCase:
@@ -40,38 +32,10 @@ class FamilyCase:
         self.prompts = random_prompts(6, self.hf.config.vocab_size, seed=7, min_len=3, max_len=24)
 
     def concrete(self, spec):
-        """Replace the symbolic subsets in SPECS by real indices from the pack."""
-        if spec is None:
-            return None
-        spec = dict(spec)
-        raw = self.raw[spec["pack"]]
-        if spec.get("heads") == "first3":
-            spec["heads"] = [[int(l), int(h)] for l, h in zip(raw["heads.layer"][:3], raw["heads.head"][:3])]
-        if spec.get("layers") == "first_layer":
-            key = "heads.layer" if spec["method"] == "iti" else "residual.layer"
-            spec["layers"] = [int(raw[key].min())]
-        return spec
+        return concrete(spec, self.raw)
 
     def reference_tokens(self, spec, prompt):
-        if spec is None:
-            return greedy_generate(self.hf, prompt, MAX_NEW)
-        raw = self.raw[spec["pack"]]
-        layers = set(spec.get("layers") or range(self.hf.config.num_hidden_layers))
-        positions = spec.get("prompt_positions", "last")
-        if spec["method"] == "iti":
-            wanted = {tuple(h) for h in spec["heads"]} if spec.get("heads") else None
-            heads = [
-                (int(l), int(h), raw["heads.direction"][i], float(raw["heads.sigma"][i]))
-                for i, (l, h) in enumerate(zip(raw["heads.layer"], raw["heads.head"]))
-                if int(l) in layers and (wanted is None or (int(l), int(h)) in wanted)
-            ]
-            return greedy_generate(self.hf, prompt, MAX_NEW, heads=heads, alpha=spec["alpha"],
-                                   prompt_positions=positions)
-        residual = {
-            int(l): raw["residual.vector"][i] for i, l in enumerate(raw["residual.layer"]) if int(l) in layers
-        }
-        return greedy_generate(self.hf, prompt, MAX_NEW, residual=residual, alpha=spec["alpha"],
-                               prompt_positions=positions)
+        return reference_tokens(self.hf, self.raw, spec, prompt, MAX_NEW)
 
 
 @pytest.fixture(scope="module", params=["llama"])

@@ -27,3 +27,19 @@ def hf_layer_activations(model, token_ids):
             h.remove()
     n = len(model.model.layers)
     return torch.stack([heads[i] for i in range(n)], dim=1), torch.stack([stream[i] for i in range(n)], dim=1)
+
+
+def assert_captures_match(captured, items, model, num_heads: int, head_dim: int) -> None:
+    """``captured`` (per item: ``heads_at`` / ``residual_at`` [positions, L, ...] at the item's
+    ``positions``, ``heads_mean`` / ``residual_mean`` over tokens ``mean_from``..end) equals these
+    hooks' activations of each item's ``token_ids`` (float32, tight tolerance)."""
+    for i, item in enumerate(items):
+        heads, stream = hf_layer_activations(model, item.token_ids)
+        for p, pos in enumerate(item.positions):
+            torch.testing.assert_close(captured.heads_at[i, p], heads[pos].view(-1, num_heads, head_dim),
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(captured.residual_at[i, p], stream[pos], rtol=1e-4, atol=1e-4)
+        lo = item.mean_from
+        torch.testing.assert_close(captured.heads_mean[i], heads[lo:].mean(0).view(-1, num_heads, head_dim),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(captured.residual_mean[i], stream[lo:].mean(0), rtol=1e-4, atol=1e-4)

@@ -62,7 +62,7 @@ class ModelShape(BaseModel):
     family: str | None = Field(
         default=None,
         description="vllm-steer's model family of the architecture (None when it steers no such family); "
-                    "filled from the architecture when absent (packs written before the field)",
+                    "filled from the architecture when absent or None (packs written before the field)",
     )
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
@@ -77,13 +77,13 @@ class ModelShape(BaseModel):
 
         if not isinstance(data, dict) or not isinstance(data.get("architecture"), str):
             return data
-        expected = family_name_of(data["architecture"])
-        if "family" not in data:
-            return {**data, "family": expected}
-        if data["family"] != expected:
-            raise ValueError(f"family {data['family']!r} does not match architecture {data['architecture']!r} "
+        expected, stored = family_name_of(data["architecture"]), data.get("family")
+        if stored is not None and expected is not None and stored != expected:
+            raise ValueError(f"family {stored!r} does not match architecture {data['architecture']!r} "
                              f"(whose family is {expected!r})")
-        return data
+        # a pack written before the field, or before its architecture's family was supported, gets
+        # the family of its architecture; a family this version does not know stays as written
+        return {**data, "family": expected if expected is not None else stored}
 
     def mismatches(self, other: ModelShape) -> list[str]:
         """Names and values of every field that differs from ``other`` (the loaded model)."""

@@ -65,7 +65,9 @@ def format_pack_summary(summary: dict[str, Any]) -> str:
         size = f", {summary['file_bytes'] / 1024:.1f} KiB" if summary["file_bytes"] is not None else ""
         lines.append(("file", f"{summary['file']}{size}"))
     lines.append(("format", f"version {summary['format_version']}"))
-    lines.append(("model", f"{model['architecture']}: {model['num_layers']} layers x {model['num_heads']} heads "
+    family = f" (family {model['family']})" if model.get("family") else " (no family vllm-steer steers)"
+    lines.append(("model", f"{model['architecture']}{family}: {model['num_layers']} layers x "
+                           f"{model['num_heads']} heads "
                            f"({model['num_kv_heads']} KV heads), head_dim {model['head_dim']}, "
                            f"hidden {model['hidden_size']}"))
     lines.append(("methods", ", ".join(summary["methods"]) or "none (a condition only)"))
