@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3", "phi3", "granite",
-            "olmo2")
+            "olmo2", "gpt_oss")
 _BUILDER_VERSION = 3
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
@@ -135,6 +135,20 @@ def _config(family: str, *, vocab_size, hidden_size, num_layers, num_heads, num_
     elif family == "olmo2":
         _derived_head_dim(family, head_dim, hidden_size, num_heads)
         cfg, arch = transformers.Olmo2Config(**common), "Olmo2ForCausalLM"
+    elif family == "gpt_oss":
+        # vLLM hard-codes the RMSNorm eps (1e-5) and applies the sliding window to the even layers
+        # (window longer than any test sequence); its attention has per-head sinks, its router and
+        # projections biases. YaRN rope as in the released models (vLLM always builds YaRN), its
+        # original context a 32nd of the model's so test sequences reach the interpolated positions.
+        cfg = transformers.GptOssConfig(
+            **{**common, "intermediate_size": moe_width, "rms_norm_eps": 1e-5}, head_dim=head_dim_or_default,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=max_position_embeddings,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": max(1, max_position_embeddings // 32)},
+        )
+        arch = "GptOssForCausalLM"
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     cfg.architectures = [arch]
