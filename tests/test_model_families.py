@@ -18,6 +18,7 @@ def test_supported_families_resolve_and_others_are_refused_by_name():
     assert supported_architectures()[:3] == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     assert {"MistralForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM"} <= set(supported_architectures())
     assert family_of("Qwen3ForCausalLM").name == "qwen3" and family_of("Qwen3MoeForCausalLM").name == "qwen3_moe"
+    assert family_of("GptOssForCausalLM").attention == "attn"  # vLLM's name; HF's is self_attn
     # every family the tests build a checkpoint of is a supported family, and the other way round
     assert sorted(f.name for f in SUPPORTED) == sorted(FAMILIES)
     with pytest.raises(ConfigError, match=r"does not steer DeepseekV2ForCausalLM \(MLA: .*supported "

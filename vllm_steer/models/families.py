@@ -52,12 +52,14 @@ SUPPORTED: tuple[ModelFamily, ...] = (
     ModelFamily("granite", ("GraniteForCausalLM",), layer_output="stream",
                 notes="layers return the stream (residual_multiplier inside)"),
     ModelFamily("olmo2", ("Olmo2ForCausalLM",), layer_output="stream"),
+    ModelFamily("gpt_oss", ("GptOssForCausalLM",), attention="attn",
+                notes="attention at 'attn' (HF: self_attn); attention sinks and o_proj bias (after the hook "
+                      "point), sliding and full layers, MoE MLP"),
 )
 
 # Architectures looked at (vLLM 0.26 / 0.32 sources) and not supported yet: why.
 KNOWN: dict[str, str] = {
     "Qwen2MoeForCausalLM": "same hook points as Qwen2 (MoE MLP); not yet tested against the HF reference",
-    "GptOssForCausalLM": "attention at 'attn', not 'self_attn', with sinks; not yet supported",
     "DeepseekV2ForCausalLM": "MLA: o_proj input is heads x v_head_dim, not the config's head_dim; not yet "
                              "supported",
 }
