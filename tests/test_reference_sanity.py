@@ -4,7 +4,9 @@ The parity tests elsewhere compare vllm-steer against ``tests/reference/hf_steer
 from ``vllm_steer.models.tiny_checkpoint``. They only mean something if (a) the reference with
 ``alpha=0`` is plain greedy decoding, (b) a nonzero ``alpha`` really changes the tokens, (c) the
 checkpoints are reproducible, and (d) vLLM without any steering already agrees with HF transformers
-token for token on these models (clear logit margins, same rope / attention / norms).
+token for token on these models (clear logit margins here; the unsteered requests of
+``test_steering_parity`` and ``test_family_parity`` compare vLLM with HF, text and chat prompts
+included).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import FAMILIES, close_llm, make_llm, random_prompts, token_ids
+from conftest import random_prompts
 from reference.hf_steering import greedy_generate
 from vllm_steer.models.families import family_name_of
 from vllm_steer.models.tiny_checkpoint import build_tiny_checkpoint, cached_tiny_checkpoint, write_config_only
@@ -26,7 +28,7 @@ STEER_NEW = 8  # shorter continuations where many reference decodes run
 # Qwen3 with an explicit head_dim that is not hidden_size / num_heads (4 * 48 = 192 != 128), so the
 # o_proj input is wider than the residual stream.
 WIDE_QWEN3 = {"head_dim": 48}
-CASES = {family: (family, {}) for family in FAMILIES}
+CASES = {family: (family, {}) for family in ("llama", "qwen2", "qwen3")}
 CASES["qwen3-hd48"] = ("qwen3", WIDE_QWEN3)
 
 
@@ -85,13 +87,9 @@ def some_heads(model, seed=0, count=3):
 
 
 def some_residual(model, seed=0):
-    """A random vector after layer 1, an eighth as long as the embedded tokens (at least 1): the families'
-    streams differ in scale (Gemma multiplies its embeddings by sqrt(hidden))."""
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(model.config.hidden_size, generator=gen)
-    with torch.no_grad():  # (no forward pass: transformers may leave hooks behind on the layers)
-        embedded = model.get_input_embeddings()(torch.tensor([5, 6, 7, 8]))
-    return {1: v / v.norm() * max(1.0, float(embedded.norm(dim=-1).mean()) / 8)}
+    return {1: v / v.norm()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,50 +251,3 @@ def test_write_config_only(tmp_path):
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
     assert len(tok) <= cfg.vocab_size and not (with_tok / "model.safetensors").exists()
-
-
-# --------------------------------------------------------------------------------------------
-# (d) vLLM (no plugin) loads the checkpoints and agrees with the HF reference token for token
-
-
-# Qwen3 with the odd head_dim; test_steering_parity (Llama) and test_family_parity (every other family)
-# run vLLM against the reference unsteered and steered, and every family's checkpoint has the same
-# tokenizer and chat template, so this one case suffices for the tokenizer and chat-prompt checks below.
-@pytest.fixture(scope="module", params=["qwen3-hd48"])
-def vllm_case(request, case_path, hf_models):
-    name = request.param
-    path = case_path(name)
-    llm = make_llm(path, enforce_eager=True)
-    yield name, path, llm, hf_models(name)
-    close_llm(llm)
-
-
-def test_vllm_greedy_matches_reference(vllm_case):
-    from vllm import SamplingParams
-
-    name, path, llm, hf = vllm_case
-    prompts = random_prompts(8, hf.config.vocab_size, seed=21, min_len=2, max_len=40)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    got = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
-    expected = [greedy_generate(hf, p, MAX_NEW) for p in prompts]
-    assert got == expected
-
-
-def test_vllm_text_and_chat_prompts(vllm_case):
-    from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    name, path, llm, hf = vllm_case
-    tok = AutoTokenizer.from_pretrained(str(path))
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    text = "Q: Who opens the silver key? A:"
-    [out] = llm.generate([text], params, use_tqdm=False)
-    assert list(out.prompt_token_ids) == tok(text).input_ids
-    assert list(out.outputs[0].token_ids) == greedy_generate(hf, out.prompt_token_ids, 8)
-
-    messages = [{"role": "user", "content": "Who keeps the old map?"}]
-    [chat] = llm.chat(messages, params, use_tqdm=False)
-    assert list(chat.prompt_token_ids) == tok(
-        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
-    ).input_ids
-    assert len(chat.outputs[0].token_ids) == 8
