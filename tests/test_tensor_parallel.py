@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import close_llm, greedy, make_llm, random_prompts, token_ids
-from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
 from reference.hf_steering import greedy_generate
+from vllm_steer.models.tiny_checkpoint import cached_tiny_checkpoint
 from vllm_steer.pack import save_pack
 from vllm_steer.pack.hf_shape import shape_of_checkpoint
 from vllm_steer.pack.synthetic import random_pack
