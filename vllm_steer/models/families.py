@@ -69,16 +69,21 @@ def supported_architectures() -> list[str]:
     return [a for family in SUPPORTED for a in family.architectures]
 
 
+def _supported_family(architecture: str) -> ModelFamily | None:
+    return next((f for f in SUPPORTED if architecture in f.architectures), None)
+
+
 def family_name_of(architecture: str) -> str | None:
     """The name of ``architecture``'s supported family, None when vllm-steer steers no such family."""
-    return next((f.name for f in SUPPORTED if architecture in f.architectures), None)
+    family = _supported_family(architecture)
+    return family.name if family is not None else None
 
 
 def family_of(architecture: str) -> ModelFamily:
     """The supported family of ``architecture``; ConfigError naming it and the supported ones."""
-    for family in SUPPORTED:
-        if architecture in family.architectures:
-            return family
+    family = _supported_family(architecture)
+    if family is not None:
+        return family
     why = KNOWN.get(architecture, "not a family vllm-steer knows")
     raise ConfigError(
         f"vllm-steer does not steer {architecture} ({why}); supported architectures: "
